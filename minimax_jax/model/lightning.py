@@ -1,0 +1,93 @@
+"""Lightning attention mixer of MiniMax-Text-01 (attention type 0): linear attention with per-head exponential decay.
+
+The recurrence itself is ``pallas_kernels.lightning.lightning_attention``; this module computes its inputs (SiLU'd
+q, k, v and the decay rates) and its output path (one RMSNorm over all heads, sigmoid gate, output projection).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels.lightning as lightning_kernels
+from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
+from minimax_jax.model.norms_rope import rms_norm
+from minimax_jax.model.params_init import normal_param, ones_param
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi slopes as the official code builds them, fp64 ``[num_heads]``.
+
+    Power-of-two H: ``2 ** (-8 (h + 1) / H)``. Otherwise the ALiBi interleaving fallback: the slopes of the closest
+    lower power of two p, then the even-indexed slopes of 2p.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    def slopes(n: int) -> list[float]:
+        if math.log2(n).is_integer():
+            return power_of_two(n)
+        closest = 2 ** math.floor(math.log2(n))
+        return power_of_two(closest) + slopes(2 * closest)[0::2][: n - closest]
+
+    return np.asarray(slopes(num_heads), dtype=np.float64)
+
+
+def lightning_decay_rates(num_heads: int, layer_index: jax.Array | int, num_layers: int) -> jax.Array:
+    """Decay rate per head ``s_{h,l} = slope_h * (1 - l / (L - 1) + 1e-5)``, fp32 ``[num_heads]``.
+
+    ``layer_index`` is the global 0-based layer index (softmax layers count) and may be traced (it comes from the
+    scan over layer groups). A one-layer model uses ``l / (L - 1) = 0``.
+    """
+    slopes = jnp.asarray(alibi_slopes(num_heads), dtype=jnp.float32)
+    depth = jnp.asarray(layer_index, jnp.float32) / max(num_layers - 1, 1)
+    return slopes * (1.0 - depth + 1e-5)
+
+
+def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array, norm: jax.Array,
+                    out_proj: jax.Array, decay: jax.Array, segment_ids: jax.Array | None,
+                    block_size: int) -> jax.Array:
+    """The lightning mixer as a pure function (matmuls in ``x.dtype``).
+
+    Args:
+      x: normalized layer input ``[batch, seq, hidden]``.
+      qkv_proj: ``[hidden, heads, 3 * head_dim]``, per head the columns are ``[q_h | k_h | v_h]``.
+      output_gate: ``[hidden, heads, head_dim]``; norm: ``[heads, head_dim]``; out_proj: ``[heads, head_dim, hidden]``.
+      decay: fp32 ``[heads]`` decay rates s_h of this layer.
+    """
+    dtype = x.dtype
+    qkv = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, qkv_proj.astype(dtype)))
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size)
+    o = rms_norm(o.astype(dtype), norm, LIGHTNING_NORM_EPS)  # one norm over all heads * head_dim features
+    gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, output_gate.astype(dtype)))
+    return jnp.einsum("bthk,hkd->btd", gate * o, out_proj.astype(dtype))
+
+
+class LightningMixer(nnx.Module):
+    """Thin NNX holder of the lightning mixer's weights; the layer index arrives at call time (scanned)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.num_heads = heads
+        self.num_layers = config.num_hidden_layers
+        self.block_size = config.block_size
+        self.dtype = dtype
+        self.qkv_proj = normal_param(rngs, (hidden, heads, 3 * head_dim), param_dtype, ("embed", "heads", "qkv_dim"))
+        self.output_gate = normal_param(rngs, (hidden, heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
+        self.norm = ones_param((heads, head_dim), param_dtype, ("heads", "head_dim"))
+        self.out_proj = normal_param(rngs, (heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
+
+    def __call__(self, x: jax.Array, *, layer_index: jax.Array | int,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        decay = lightning_decay_rates(self.num_heads, layer_index, self.num_layers)
+        return lightning_mixer(
+            x.astype(self.dtype), qkv_proj=self.qkv_proj[...], output_gate=self.output_gate[...],
+            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, segment_ids=segment_ids,
+            block_size=self.block_size)

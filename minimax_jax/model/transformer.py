@@ -1,0 +1,164 @@
+"""Decoder layer, the scanned layer stack and the causal LM of MiniMax-Text-01."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.config import LIGHTNING, ModelConfig
+from minimax_jax.model.attention import SoftmaxAttention
+from minimax_jax.model.lightning import LightningMixer
+from minimax_jax.model.moe import MoE
+from minimax_jax.model.norms_rope import RMSNorm, rms_norm
+from minimax_jax.model.params_init import normal_param
+
+
+class RouterStats(NamedTuple):
+    """Per-layer router statistics for training (layer order = global layer index)."""
+
+    aux_loss: jax.Array  # fp32 [num_layers], Switch-style loss of each layer's router
+    expert_counts: jax.Array  # int32 [num_layers, E], routed token-slots per expert
+
+
+class DecoderLayer(nnx.Module):
+    """One postnorm layer: ``h1 = a_attn xn + b_attn mixer(xn)``, ``out = a_mlp hn + b_mlp moe(hn)``."""
+
+    def __init__(self, config: ModelConfig, attn_type: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.is_lightning = attn_type == LIGHTNING
+        if self.is_lightning:
+            self.attn_alpha = config.layernorm_linear_attention_alpha
+            self.attn_beta = config.layernorm_linear_attention_beta
+            self.mixer = LightningMixer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.attn_alpha = config.layernorm_full_attention_alpha
+            self.attn_beta = config.layernorm_full_attention_beta
+            self.mixer = SoftmaxAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_alpha, self.mlp_beta = config.layernorm_mlp_alpha, config.layernorm_mlp_beta
+        self.input_norm = RMSNorm((hidden,), eps=eps, axes=("embed",), param_dtype=param_dtype)
+        self.post_attention_norm = RMSNorm((hidden,), eps=eps, axes=("embed",), param_dtype=param_dtype)
+        self.moe = MoE(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, *, layer_index: jax.Array | int, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns the layer output, the router aux loss and the expert counts."""
+        xn = self.input_norm(h)
+        if self.is_lightning:
+            mixed = self.mixer(xn, layer_index=layer_index, segment_ids=segment_ids)
+        else:
+            mixed = self.mixer(xn, positions=positions, segment_ids=segment_ids)
+        hn = self.post_attention_norm(self.attn_alpha * xn + self.attn_beta * mixed.astype(xn.dtype))
+        moe = self.moe(hn)
+        return self.mlp_alpha * hn + self.mlp_beta * moe.output.astype(hn.dtype), moe.aux_loss, moe.expert_counts
+
+
+class LayerGroup(nnx.Module):
+    """One period of ``config.group_pattern`` (7 lightning + 1 softmax in the released model)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for t in config.group_pattern])
+
+    def __call__(self, h: jax.Array, *, group_index: jax.Array | int, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns the group output, aux losses ``[group_size]`` and expert counts ``[group_size, E]``."""
+        aux_losses, counts = [], []
+        for offset, layer in enumerate(self.layers):
+            h, aux, count = layer(h, layer_index=group_index * len(self.layers) + offset, positions=positions,
+                                  segment_ids=segment_ids)
+            aux_losses.append(aux)
+            counts.append(count)
+        return h, jnp.stack(aux_losses), jnp.stack(counts)
+
+
+def _stacked_groups(config: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> LayerGroup:
+    """``num_layer_groups`` LayerGroups with their params stacked on a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=config.num_layer_groups)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> LayerGroup:
+        return LayerGroup(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    return make(rngs)
+
+
+class MiniMaxForCausalLM(nnx.Module):
+    """MiniMax-Text-01 causal LM: ``model(input_ids)`` -> fp32 logits ``[batch, seq, vocab]``.
+
+    The decoder scans over ``config.num_layer_groups`` repeats of one layer group, so compile time does not grow
+    with depth. ``dtype`` is the compute dtype of matmuls; ``param_dtype`` the storage dtype of the weights.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = normal_param(rngs, (config.vocab_size, config.hidden_size), param_dtype,
+                                         ("vocab", "embed"))
+        self.groups = _stacked_groups(config, dtype, param_dtype, rngs)
+        self.final_norm = RMSNorm((config.hidden_size,), eps=config.rms_norm_eps, axes=("embed",),
+                                  param_dtype=param_dtype)
+        self.lm_head = normal_param(rngs, (config.hidden_size, config.vocab_size), param_dtype, ("embed", "vocab"))
+
+    def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_router_stats: bool = False
+                 ) -> jax.Array | tuple[jax.Array, RouterStats]:
+        """Logits for ``input_ids`` int ``[batch, seq]``.
+
+        Args:
+          segment_ids: optional int ``[batch, seq]`` for packed sequences: attention (both kinds) stays within a
+            segment. Positions are not reset per segment unless given in ``positions``.
+          positions: optional absolute 0-based positions int ``[batch, seq]`` (default ``arange(seq)``).
+          return_router_stats: also return ``RouterStats`` (aux losses and expert counts of every layer).
+        """
+        positions = self._check_inputs(input_ids, segment_ids, positions)
+        h = self.embed_tokens[...][input_ids].astype(self.dtype)
+        h, stats = self._decode_layers(h, positions, segment_ids)
+        h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
+        # fp32 logits: fp32 accumulation of the compute-dtype matmul (exact fp32 when dtype is fp32).
+        logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return (logits, stats) if return_router_stats else logits
+
+    def _decode_layers(self, h: jax.Array, positions: jax.Array,
+                       segment_ids: jax.Array | None) -> tuple[jax.Array, RouterStats]:
+        graphdef, stacked = nnx.split(self.groups)
+
+        def body(carry, xs):
+            group_state, group_index = xs
+            group = nnx.merge(graphdef, group_state)
+            out, aux, counts = group(carry, group_index=group_index, positions=positions, segment_ids=segment_ids)
+            return out, (aux, counts)
+
+        group_indices = jnp.arange(self.config.num_layer_groups, dtype=jnp.int32)
+        h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices))
+        return h, RouterStats(aux.reshape(-1), counts.reshape(self.config.num_hidden_layers, -1))
+
+    def _check_inputs(self, input_ids, segment_ids, positions) -> jax.Array:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got shape {tuple(input_ids.shape)}")
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array (int32), got dtype {input_ids.dtype}")
+        seq = input_ids.shape[1]
+        if seq > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids sequence length {seq} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+            if arr is None:
+                continue
+            if tuple(arr.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(arr.shape)}")
+            if not jnp.issubdtype(arr.dtype, jnp.integer):
+                raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), input_ids.shape)
+        return positions
+
+
+__all__ = ["DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "RouterStats"]
