@@ -286,7 +286,8 @@ def tune():
     decay = decays(h)
     best = {"fwd": (float("inf"), None), "bwd": (float("inf"), None)}
     for tile, warps, stages, progs in itertools.product([64, 128], [4, 8], [2, 3, 4], [1056, 2112]):
-        knobs = {"target_programs": progs, "max_tile": tile, "num_warps": warps, "num_stages": stages}
+        knobs = {"target_programs": progs, "min_chunk_blocks": 4, "max_tile": tile, "num_warps": warps,
+                 "num_stages": stages}
         tb.TUNING.update(fwd=dict(knobs), bwd=dict(knobs))
         ops._lightning.clear_cache()
         try:

@@ -21,10 +21,11 @@ from pallas_kernels.lightning import triton_kernels as tk
 
 DEFAULT_BLOCK_SIZE = 64
 # Launch shape knobs of the forward and the backward pass, read at trace time (scripts/bench_lightning.py --tune
-# sweeps them): programs to aim for (a few per H100 multiprocessor), widest column tile, Triton warps and stages.
+# sweeps them): programs to aim for (a few per H100 multiprocessor), fewest blocks per chunk (one-block chunks make
+# the O(chunks^2) state combine dominate short sequences), widest column tile, Triton warps and stages.
 TUNING = {
-    "fwd": {"target_programs": 1056, "max_tile": 128, "num_warps": 8, "num_stages": 3},
-    "bwd": {"target_programs": 1056, "max_tile": 128, "num_warps": 8, "num_stages": 3},
+    "fwd": {"target_programs": 1056, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
+    "bwd": {"target_programs": 1056, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
 }
 # fp32 operands take twice the shared memory: narrower tiles, fewer stages (128 x 3 stages overflows 227 KiB).
 _FP32_LIMITS = {"max_tile": 64, "num_stages": 2}
@@ -45,7 +46,8 @@ def _plan(b, t, h, d, block, knobs):
         raise ValueError(f"triton backend: block_size must be a power of two >= 16, got {block}")
     tile = min(d, knobs["max_tile"])
     n_blocks = t // block
-    n_chunks = max(1, min(n_blocks, math.ceil(knobs["target_programs"] / (b * h * (d // tile)))))
+    max_chunks = max(1, n_blocks // knobs["min_chunk_blocks"])
+    n_chunks = max(1, min(max_chunks, math.ceil(knobs["target_programs"] / (b * h * (d // tile)))))
     chunk_blocks = math.ceil(n_blocks / n_chunks)
     return tile, chunk_blocks, math.ceil(n_blocks / chunk_blocks)
 

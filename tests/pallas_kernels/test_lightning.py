@@ -7,13 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lightning import BACKENDS, lightning_attention
+from pallas_kernels.lightning import BACKENDS, lightning_attention, ops
+from pallas_kernels.lightning import triton_backend as tb
 from pallas_kernels.lightning.ops import resolve_backend
 from pallas_kernels.lightning.reference import lightning_attention_reference
 
 # (backend, block_size, interpret); triton runs in interpret mode on CPU.
 IMPLS = [("xla", 8, False), ("triton", 16, True), ("xla", None, False)]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def one_block_chunks(monkeypatch):
+    """Let the Triton backend cut even these short test sequences into one-block chunks, so that every test
+    crosses chunk boundaries (the chunk-state combine); ``test_default_chunking`` covers the default knobs."""
+    for name in ("fwd", "bwd"):
+        monkeypatch.setitem(tb.TUNING, name, dict(tb.TUNING[name], min_chunk_blocks=1))
+    ops._lightning.clear_cache()
+    yield
+    ops._lightning.clear_cache()
 
 
 def _inputs(seed, b, t, h, d, dtype, n_segments=1, with_init=True, sorted_ids=True):
@@ -95,6 +107,21 @@ def test_unsorted_segment_ids_and_exact_multiple(impl):
     o, s = lightning_attention(q, k, v, decay, segment_ids=seg, initial_state=init, return_final_state=True,
                                backend=backend, block_size=block, interpret=interpret)
     assert _rel(o, o_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+
+
+def test_default_chunking_with_multi_block_chunks(monkeypatch):
+    """Default knobs: 9 blocks become chunks of 5 and 4 blocks (a short last chunk), plus a tail."""
+    monkeypatch.setattr(tb, "TUNING", {name: dict(knobs, min_chunk_blocks=4) for name, knobs in tb.TUNING.items()})
+    ops._lightning.clear_cache()
+    assert tb._plan(1, 9 * 16, 2, 16, 16, tb.TUNING["fwd"])[1:] == (5, 2)
+    q, k, v, decay, seg, init = _inputs(11, 1, 9 * 16 + 5, 2, 16, jnp.float32, n_segments=3)
+    fn = lambda backend, **kw: lambda q_, k_, v_, s_: lightning_attention(  # noqa: E731
+        q_, k_, v_, decay, segment_ids=seg, initial_state=s_, return_final_state=True, backend=backend, **kw)
+    o_ref, s_ref, g_ref = _run(fn("reference"), q, k, v, init, 11)
+    o, s, g = _run(fn("triton", block_size=16, interpret=True), q, k, v, init, 11)
+    assert _rel(o, o_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
+    for name, x, y in zip(["dq", "dk", "dv", "dinit"], g, g_ref, strict=True):
+        assert _rel(x, y) < 1e-5, name
 
 
 def _defining_sum_f64(q, k, v, decay, seg, init):
