@@ -43,6 +43,67 @@ def causal_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_id
                                         implementation=implementation)
 
 
+def cached_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_start: jax.Array) -> jax.Array:
+    """Bool ``[batch, 1, 1, chunk, keys]``: key slot j is visible to the query in slot p of row b iff
+    ``key_start[b] <= j <= p``; a padding query (p < key_start[b]) sees only itself, so no row of scores is empty."""
+    p, j = query_slots[None, :, None], key_slots[None, None, :]
+    visible = ((j >= key_start[:, None, None]) & (j <= p)) | (j == p)
+    return visible[:, None, None]
+
+
+def cached_gqa_attention(q: jax.Array, keys: jax.Array, values: jax.Array, *, query_slots: jax.Array,
+                         key_start: jax.Array, kv_block: int | None = None) -> jax.Array:
+    """Softmax attention of a chunk of queries to a preallocated KV cache, scale ``1/sqrt(head_dim)``, fp32 softmax.
+
+    Args:
+      q: ``[batch, chunk, heads, head_dim]``; keys, values: ``[batch, capacity, kv_heads, head_dim]`` (GQA: query
+        head h reads kv head ``h // (heads / kv_heads)``).
+      query_slots: int32 ``[chunk]`` cache slot of each query (shared by the rows); key_start: int32 ``[batch]``.
+      kv_block: None scores all slots at once (decode). An int runs an online softmax over key blocks of that
+        length, visiting only blocks that hold visible keys, so a long prefill chunk needs ``chunk x kv_block``
+        scores, not ``chunk x capacity``. ``capacity`` must be a multiple of ``kv_block``.
+    """
+    batch, chunk, heads, head_dim = q.shape
+    capacity, kv_heads = keys.shape[1], keys.shape[2]
+    qg = q.reshape(batch, chunk, kv_heads, heads // kv_heads, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def scores_of(key_block: jax.Array) -> jax.Array:  # fp32 [batch, kv_heads, group, chunk, block]
+        return jnp.einsum("bckgd,bjkd->bkgcj", qg, key_block, preferred_element_type=jnp.float32) * scale
+
+    if kv_block is None or kv_block >= capacity:
+        mask = cached_attention_mask(query_slots, jnp.arange(capacity, dtype=jnp.int32), key_start)
+        probs = jax.nn.softmax(jnp.where(mask, scores_of(keys), -jnp.inf), axis=-1).astype(values.dtype)
+        o = jnp.einsum("bkgcj,bjkd->bckgd", probs, values)
+        return o.reshape(batch, chunk, heads, head_dim)
+    if capacity % kv_block:
+        raise ValueError(f"cache capacity {capacity} is not a multiple of kv_block {kv_block}")
+
+    def visit(block, carry):
+        running_max, denominator, acc = carry
+        start = block * kv_block
+        key_block = jax.lax.dynamic_slice_in_dim(keys, start, kv_block, axis=1)
+        value_block = jax.lax.dynamic_slice_in_dim(values, start, kv_block, axis=1)
+        mask = cached_attention_mask(query_slots, start + jnp.arange(kv_block, dtype=jnp.int32), key_start)
+        scores = jnp.where(mask, scores_of(key_block), -jnp.inf)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1, keepdims=True))
+        probs = jnp.exp(scores - new_max)
+        correction = jnp.exp(running_max - new_max)
+        denominator = denominator * correction + probs.sum(axis=-1, keepdims=True)
+        acc = acc * correction + jnp.einsum("bkgcj,bjkd->bkgcd", probs.astype(values.dtype), value_block,
+                                            preferred_element_type=jnp.float32)
+        return new_max, denominator, acc
+
+    stats_shape = (batch, kv_heads, heads // kv_heads, chunk, 1)
+    init = (jnp.full(stats_shape, -1e30, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape[:-1] + (head_dim,), jnp.float32))
+    first = jnp.minimum(jnp.min(key_start), jnp.min(query_slots)) // kv_block  # every query sees its own slot
+    last = jnp.max(query_slots) // kv_block + 1
+    _, denominator, acc = jax.lax.fori_loop(first, last, visit, init)
+    o = (acc / denominator).astype(values.dtype)  # [batch, kv_heads, group, chunk, head_dim]
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(batch, chunk, heads, head_dim)
+
+
 class SoftmaxAttention(nnx.Module):
     """The softmax mixer (attention type 1): q/k/v projections, partial RoPE on q and k, GQA, output projection."""
 
@@ -58,11 +119,32 @@ class SoftmaxAttention(nnx.Module):
         self.o_proj = normal_param(rngs, (heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        q, k, v = self._project_qkv(x, positions)
+        o = causal_gqa_attention(q, k, v, segment_ids=segment_ids)
+        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+
+    def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v ``[batch, seq, (kv_)heads, head_dim]`` with partial RoPE at ``positions`` on q and k."""
         x = x.astype(self.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(self.dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(self.dtype))
         q = apply_partial_rope(q, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
         k = apply_partial_rope(k, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
-        o = causal_gqa_attention(q, k, v, segment_ids=segment_ids)
-        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+        return q, k, v
+
+    def call_with_cache(self, x: jax.Array, *, positions: jax.Array, keys: jax.Array, values: jax.Array,
+                        cache_index: jax.Array, key_start: jax.Array,
+                        kv_block: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Cached inference on a chunk ``x`` ``[batch, chunk, hidden]`` occupying cache slots ``cache_index + i``.
+
+        Writes the chunk's k, v into ``keys``/``values`` ``[batch, capacity, kv_heads, head_dim]`` (one slot index
+        shared by all rows), then attends to every slot in ``[key_start[b], own slot]``. Returns the output and the
+        updated caches. ``positions`` are the RoPE positions (0 at each row's first real token).
+        """
+        q, k, v = self._project_qkv(x, positions)
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, cache_index, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, cache_index, 0, 0))
+        query_slots = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
+        o = cached_gqa_attention(q, keys, values, query_slots=query_slots, key_start=key_start, kv_block=kv_block)
+        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype)), keys, values

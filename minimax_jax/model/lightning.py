@@ -61,13 +61,61 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
       output_gate: ``[hidden, heads, head_dim]``; norm: ``[heads, head_dim]``; out_proj: ``[heads, head_dim, hidden]``.
       decay: fp32 ``[heads]`` decay rates s_h of this layer.
     """
-    dtype = x.dtype
-    qkv = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, qkv_proj.astype(dtype)))
-    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q, k, v = lightning_qkv(x, qkv_proj)
     o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size)
+    return lightning_output(o, x, output_gate=output_gate, norm=norm, out_proj=out_proj)
+
+
+def lightning_qkv(x: jax.Array, qkv_proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``silu(x @ Wqkv)`` split per head into q, k, v, each ``[batch, seq, heads, head_dim]`` in ``x.dtype``."""
+    qkv = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, qkv_proj.astype(x.dtype)))
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    return q, k, v
+
+
+def lightning_output(o: jax.Array, x: jax.Array, *, output_gate: jax.Array, norm: jax.Array,
+                     out_proj: jax.Array) -> jax.Array:
+    """Output path of the mixer: one RMSNorm over all heads, the sigmoid gate read from ``x``, the projection."""
+    dtype = x.dtype
     o = rms_norm(o.astype(dtype), norm, LIGHTNING_NORM_EPS)  # one norm over all heads * head_dim features
     gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, output_gate.astype(dtype)))
     return jnp.einsum("bthk,hkd->btd", gate * o, out_proj.astype(dtype))
+
+
+def lightning_recurrent_step(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array,
+                             state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One decode token: ``S = exp(-s) S + k^T v; o = q S`` (update first, then read), all in fp32.
+
+    Args:
+      q, k, v: ``[batch, heads, head_dim]``; decay: fp32 ``[heads]``; state: fp32 ``[batch, heads, head_dim,
+        head_dim]``. Returns ``o`` (q's dtype) and the new state.
+    """
+    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+    state = jnp.exp(-decay)[None, :, None, None] * state + k32[..., :, None] * v32[..., None, :]
+    o = jnp.einsum("bhk,bhkv->bhv", q.astype(jnp.float32), state, precision=jax.lax.Precision.HIGHEST)
+    return o.astype(q.dtype), state
+
+
+def lightning_mixer_with_state(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array, norm: jax.Array,
+                               out_proj: jax.Array, decay: jax.Array, state: jax.Array, valid: jax.Array | None,
+                               block_size: int) -> tuple[jax.Array, jax.Array]:
+    """The mixer continuing from a cached fp32 state: returns the output and the state after the last position.
+
+    ``valid`` (bool ``[batch, seq]``, optional) marks real tokens; k and v are zeroed elsewhere, so a padding
+    position adds nothing to the state (and a zero state stays exactly zero through leading padding). One token
+    uses the recurrent form; longer chunks the blocked op, which continues exactly from ``state``.
+    """
+    q, k, v = lightning_qkv(x, qkv_proj)
+    if valid is not None:
+        keep = valid[:, :, None, None]
+        k, v = jnp.where(keep, k, jnp.zeros_like(k)), jnp.where(keep, v, jnp.zeros_like(v))
+    if x.shape[1] == 1:
+        o, state = lightning_recurrent_step(q[:, 0], k[:, 0], v[:, 0], decay, state)
+        o = o[:, None]
+    else:
+        o, state = lightning_kernels.lightning_attention(q, k, v, decay, initial_state=state,
+                                                         return_final_state=True, block_size=block_size)
+    return lightning_output(o, x, output_gate=output_gate, norm=norm, out_proj=out_proj), state
 
 
 class LightningMixer(nnx.Module):
@@ -90,4 +138,14 @@ class LightningMixer(nnx.Module):
         return lightning_mixer(
             x.astype(self.dtype), qkv_proj=self.qkv_proj[...], output_gate=self.output_gate[...],
             norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, segment_ids=segment_ids,
+            block_size=self.block_size)
+
+    def call_with_state(self, x: jax.Array, *, layer_index: jax.Array | int, state: jax.Array,
+                        valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Cached inference: continue from the fp32 ``state`` ``[batch, heads, head_dim, head_dim]``; returns the
+        output and the new state (see ``lightning_mixer_with_state``)."""
+        decay = lightning_decay_rates(self.num_heads, layer_index, self.num_layers)
+        return lightning_mixer_with_state(
+            x.astype(self.dtype), qkv_proj=self.qkv_proj[...], output_gate=self.output_gate[...],
+            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, state=state, valid=valid,
             block_size=self.block_size)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from minimax_jax.config import LIGHTNING, ModelConfig
 from minimax_jax.model.attention import SoftmaxAttention
+from minimax_jax.model.cache import KVCache, LightningCache
 from minimax_jax.model.lightning import LightningMixer
 from minimax_jax.model.moe import MoE
 from minimax_jax.model.norms_rope import RMSNorm, rms_norm
@@ -55,6 +56,26 @@ class DecoderLayer(nnx.Module):
         moe = self.moe(hn)
         return self.mlp_alpha * hn + self.mlp_beta * moe.output.astype(hn.dtype), moe.aux_loss, moe.expert_counts
 
+    def call_with_cache(self, h: jax.Array, *, layer_index: jax.Array | int, entry: LightningCache | KVCache,
+                        positions: jax.Array, valid: jax.Array, cache_index: jax.Array, key_start: jax.Array,
+                        kv_block: int | None) -> tuple[jax.Array, LightningCache | KVCache]:
+        """Cached inference on a chunk (see ``model/cache.py``): the layer output and this layer's updated cache.
+
+        ``valid`` bool ``[batch, chunk]`` marks real tokens (padding never enters a lightning state);
+        ``positions`` are RoPE positions; the chunk occupies slots ``cache_index + i``.
+        """
+        xn = self.input_norm(h)
+        if self.is_lightning:
+            mixed, state = self.mixer.call_with_state(xn, layer_index=layer_index, state=entry.state, valid=valid)
+            entry = LightningCache(state)
+        else:
+            mixed, keys, values = self.mixer.call_with_cache(
+                xn, positions=positions, keys=entry.keys, values=entry.values, cache_index=cache_index,
+                key_start=key_start, kv_block=kv_block)
+            entry = KVCache(keys, values)
+        hn = self.post_attention_norm(self.attn_alpha * xn + self.attn_beta * mixed.astype(xn.dtype))
+        return self.mlp_alpha * hn + self.mlp_beta * self.moe(hn).output.astype(hn.dtype), entry
+
 
 class LayerGroup(nnx.Module):
     """One period of ``config.group_pattern`` (7 lightning + 1 softmax in the released model)."""
@@ -73,6 +94,16 @@ class LayerGroup(nnx.Module):
             aux_losses.append(aux)
             counts.append(count)
         return h, jnp.stack(aux_losses), jnp.stack(counts)
+
+    def call_with_cache(self, h: jax.Array, *, group_index: int, entries: tuple[LightningCache | KVCache, ...],
+                        **chunk) -> tuple[jax.Array, tuple[LightningCache | KVCache, ...]]:
+        """Cached inference through the group's layers; ``chunk`` is passed to ``DecoderLayer.call_with_cache``."""
+        new_entries = []
+        for offset, (layer, entry) in enumerate(zip(self.layers, entries, strict=True)):
+            h, entry = layer.call_with_cache(h, layer_index=group_index * len(self.layers) + offset, entry=entry,
+                                             **chunk)
+            new_entries.append(entry)
+        return h, tuple(new_entries)
 
 
 def _stacked_groups(config: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> LayerGroup:
