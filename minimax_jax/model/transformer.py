@@ -106,6 +106,15 @@ class LayerGroup(nnx.Module):
         return h, tuple(new_entries)
 
 
+# Rematerialization of each scanned layer group (None: keep every activation).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
 def _stacked_groups(config: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> LayerGroup:
     """``num_layer_groups`` LayerGroups with their params stacked on a leading "layers" axis."""
 
@@ -147,17 +156,25 @@ class MiniMaxForCausalLM(nnx.Module):
           positions: optional absolute 0-based positions int ``[batch, seq]`` (default ``arange(seq)``).
           return_router_stats: also return ``RouterStats`` (aux losses and expert counts of every layer).
         """
-        positions = self._check_inputs(input_ids, segment_ids, positions)
-        h = self.embed_tokens[...][input_ids].astype(self.dtype)
-        h, stats = self._decode_layers(h, positions, segment_ids)
-        h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
+        h, stats = self.hidden_states(input_ids, segment_ids=segment_ids, positions=positions)
         # fp32 logits: fp32 accumulation of the compute-dtype matmul (exact fp32 when dtype is fp32).
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
         return (logits, stats) if return_router_stats else logits
 
-    def _decode_layers(self, h: jax.Array, positions: jax.Array,
-                       segment_ids: jax.Array | None) -> tuple[jax.Array, RouterStats]:
+    def hidden_states(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None, remat_policy: str = "none"
+                      ) -> tuple[jax.Array, RouterStats]:
+        """Final-norm hidden states ``[batch, seq, hidden]`` (compute dtype) and the router statistics.
+
+        Training computes the loss from these chunk by chunk instead of materializing all logits.
+        ``remat_policy``: ``none`` keeps every activation; ``full`` recomputes each layer group in the backward
+        pass; ``dots`` / ``dots_with_no_batch_dims`` keep matmul outputs (the jax.checkpoint_policies of those names).
+        """
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
+        positions = self._check_inputs(input_ids, segment_ids, positions)
+        h = self.embed_tokens[...][input_ids].astype(self.dtype)
         graphdef, stacked = nnx.split(self.groups)
 
         def body(carry, xs):
@@ -166,8 +183,11 @@ class MiniMaxForCausalLM(nnx.Module):
             out, aux, counts = group(carry, group_index=group_index, positions=positions, segment_ids=segment_ids)
             return out, (aux, counts)
 
+        if REMAT_POLICIES[remat_policy] is not None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
         group_indices = jnp.arange(self.config.num_layer_groups, dtype=jnp.int32)
         h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices))
+        h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
         return h, RouterStats(aux.reshape(-1), counts.reshape(self.config.num_hidden_layers, -1))
 
     def _check_inputs(self, input_ids, segment_ids, positions) -> jax.Array:

@@ -22,9 +22,10 @@ from typing import Any
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.data.pipeline import DataConfig
+from minimax_jax.model.transformer import REMAT_POLICIES as MODEL_REMAT_POLICIES
 from minimax_jax.parallel.mesh import MeshConfig
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+REMAT_POLICIES = tuple(MODEL_REMAT_POLICIES)
 DTYPES = ("float32", "bfloat16")
 
 

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from minimax_jax.train.forward import final_hidden_states
 from minimax_jax.train.loss import chunked_cross_entropy_sum, cross_entropy_sum, logits_from_hidden
 from minimax_jax.train.optimizer import update_count
 
@@ -42,7 +41,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, remat_policy: str, loss_chunk_size: 
 
     def loss_fn(params, batch: Batch, num_tokens: jax.Array):
         model = nnx.merge(graphdef, params)
-        hidden, stats = final_hidden_states(model, batch["inputs"], segment_ids=batch["segment_ids"],
+        hidden, stats = model.hidden_states(batch["inputs"], segment_ids=batch["segment_ids"],
                                             positions=batch["positions"], remat_policy=remat_policy)
         lm_head = model.lm_head[...]
         if loss_chunk_size is None:

@@ -1,4 +1,4 @@
-"""The trainer's forward pass gives the model's own logits, and remat does not change the gradients."""
+"""model.hidden_states (the trainer's forward) gives the model's own logits; remat keeps the gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,6 @@ import numpy as np
 from flax import nnx
 
 from minimax_jax.model.transformer import MiniMaxForCausalLM
-from minimax_jax.train.forward import final_hidden_states
 from minimax_jax.train.loss import logits_from_hidden
 from tests.train.helpers import micro_model
 
@@ -22,7 +21,7 @@ def _model_and_batch():
 def test_hidden_states_give_the_model_logits():
     model, ids, segments, positions = _model_and_batch()
     expected, stats = model(ids, segment_ids=segments, positions=positions, return_router_stats=True)
-    hidden, my_stats = final_hidden_states(model, ids, segment_ids=segments, positions=positions)
+    hidden, my_stats = model.hidden_states(ids, segment_ids=segments, positions=positions)
     np.testing.assert_array_equal(logits_from_hidden(hidden, model.lm_head[...]), expected)
     np.testing.assert_array_equal(my_stats.aux_loss, stats.aux_loss)
     np.testing.assert_array_equal(my_stats.expert_counts, stats.expert_counts)
@@ -34,7 +33,7 @@ def test_remat_keeps_the_gradients():
 
     def loss(params, policy):
         m = nnx.merge(graphdef, params)
-        hidden, _ = final_hidden_states(m, ids, segment_ids=segments, positions=positions, remat_policy=policy)
+        hidden, _ = m.hidden_states(ids, segment_ids=segments, positions=positions, remat_policy=policy)
         return jnp.sum(logits_from_hidden(hidden, m.lm_head[...]) ** 2)
 
     plain = jax.grad(loss)(params, "none")
