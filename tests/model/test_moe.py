@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.model.moe import Routing, dropless_experts, expert_token_counts, route, switch_aux_loss
+from minimax_jax.model.moe import Routing, dropless_experts, expert_token_counts, route, router_z_loss, switch_aux_loss
 from tests.model import numpy_reference as ref
 
 
@@ -90,3 +90,10 @@ def test_aux_loss_on_hand_checkable_cases():
     # f = (3/4, 1/4, 0), P = (0.5, 0.3, 0.2): 3 * (0.375 + 0.075) = 1.35.
     probs3 = jnp.asarray([[0.6, 0.3, 0.1], [0.4, 0.3, 0.3]])
     assert float(switch_aux_loss(probs3, jnp.asarray([[0, 1], [0, 0]]))) == pytest.approx(1.35)
+
+
+def test_router_z_loss_is_mean_squared_logsumexp():
+    # Uniform logits over 4 experts: logsumexp = log 4 + c for a constant shift c.
+    logits = jnp.asarray([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], jnp.bfloat16)
+    want = (np.log(4.0) ** 2 + (1 + np.log(4.0)) ** 2) / 2
+    assert float(router_z_loss(logits)) == pytest.approx(want, rel=1e-6)

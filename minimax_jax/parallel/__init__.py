@@ -1,0 +1,1 @@
+"""Mesh, logical-axis sharding rules and the collective algorithms (expert parallelism) of the model."""

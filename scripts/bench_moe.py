@@ -1,0 +1,156 @@
+"""Times one MoE layer forward+backward (router, sort, three grouped matmuls, combine) against a bf16 matmul measured
+in the same run, a dense-equivalent SwiGLU MLP and a one-hot dispatch einsum baseline; prints a markdown table.
+
+    PYTHONPATH=. python3 scripts/bench_moe.py --out_md=$OUT/bench_moe.md          # H100: 32K tokens, small widths
+    PYTHONPATH=. python3 scripts/bench_moe.py --tokens=256 --hidden=32 --inter=16 --peak_size=256 --dtype=float32
+
+FLOPs are model FLOPs: the expert matmuls of the k routed slots per token (2 * T * k * hidden * inter * 3 forward,
+twice that backward) plus the router; every variant is credited with the same useful FLOPs, so a variant that does
+extra work (padding, one-hot dispatch) shows a lower rate. The one-hot baseline uses a capacity factor and may drop
+tokens (reported); the dropless MoE never does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from minimax_jax.config import small
+from minimax_jax.model.moe import dropless_experts, route
+
+FLAGS = flags.FLAGS
+_SMALL = small()
+flags.DEFINE_integer("tokens", 32768, "tokens in the batch")
+flags.DEFINE_integer("experts", _SMALL.num_local_experts, "experts")
+flags.DEFINE_integer("top_k", _SMALL.num_experts_per_tok, "experts per token")
+flags.DEFINE_integer("hidden", _SMALL.hidden_size, "hidden size (default: the small preset)")
+flags.DEFINE_integer("inter", _SMALL.intermediate_size, "expert intermediate size (default: the small preset)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute and weight dtype")
+flags.DEFINE_integer("peak_size", 8192, "square matmul size for the reference matmul rate")
+flags.DEFINE_integer("group_size", 2048, "tokens per group of the one-hot dispatch baseline")
+flags.DEFINE_float("capacity_factor", 1.0, "capacity factor of the one-hot dispatch baseline")
+flags.DEFINE_float("router_skew", 1.0, "scale of the router weights (larger: more uneven expert loads)")
+flags.DEFINE_integer("trials", 7, "timing trials (median)")
+flags.DEFINE_float("min_trial_s", 0.05, "each timing trial lasts at least this long")
+flags.DEFINE_string("out_md", "", "also write the markdown table here")
+
+
+def time_ms(fn: Callable, *args) -> float:
+    """Median milliseconds per call of a compiled ``fn`` (compiled and warmed up first)."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps = max(1, int(FLAGS.min_trial_s / max(time.perf_counter() - start, 1e-6)))
+    trials = []
+    for _ in range(FLAGS.trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        trials.append((time.perf_counter() - start) / reps * 1e3)
+    return statistics.median(trials)
+
+
+def dropless_moe(x, router, w1, w3, w2):
+    routing = route(x @ router, FLAGS.top_k)
+    return dropless_experts(x, routing, w1, w3, w2)
+
+
+def dense_equivalent(x, w1, w3, w2):
+    """A SwiGLU MLP of width k * inter: the same matmul FLOPs as the MoE, no routing."""
+    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def one_hot_dispatch(x, router, w1, w3, w2):
+    """GShard-style: tokens in groups, one-hot [group, slot, expert, capacity] dispatch and combine einsums."""
+    tokens, hidden = x.shape
+    experts, k, group = w1.shape[0], FLAGS.top_k, FLAGS.group_size
+    capacity = max(1, int(np.ceil(group * k / experts * FLAGS.capacity_factor)))
+    routing = route(x @ router, k)
+    xg = x.reshape(-1, group, hidden)
+    mask = jax.nn.one_hot(routing.experts.reshape(-1, group, k), experts, dtype=jnp.int32)  # [G, S, k, E]
+    # position of each (token, choice) in its expert's buffer: earlier tokens first, first choices first
+    flat = mask.transpose(0, 2, 1, 3).reshape(mask.shape[0], k * group, experts)
+    position = (jnp.cumsum(flat, axis=1) - 1).reshape(mask.shape[0], k, group, experts).transpose(0, 2, 1, 3)
+    keep = mask * (position < capacity)
+    slot = jax.nn.one_hot(jnp.sum(position * keep, axis=-1), capacity, dtype=x.dtype)  # [G, S, k, C]
+    dispatch = jnp.einsum("gske,gskc->gsec", keep.astype(x.dtype), slot)
+    weights = routing.weights.reshape(-1, group, k).astype(x.dtype)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", keep.astype(x.dtype), slot, weights)
+    buffers = jnp.einsum("gsec,gsd->egcd", dispatch, xg)
+    h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", buffers, w1)) * jnp.einsum("egcd,edf->egcf", buffers, w3)
+    out = jnp.einsum("egcf,efd->egcd", h, w2)
+    dropped = routing.experts.size - jnp.sum(keep)
+    return jnp.einsum("egcd,gsec->gsd", out, combine).reshape(tokens, hidden), dropped
+
+
+def forward_backward(fn: Callable, num_weights: int) -> Callable:
+    """jit of the gradient of ``sum(fn(x, *w) * cotangent)`` with respect to x and every weight."""
+    def loss(x, cotangent, *weights):
+        y = fn(x, *weights)
+        y = y[0] if isinstance(y, tuple) else y
+        return jnp.sum(y.astype(jnp.float32) * cotangent)
+    return jax.jit(jax.grad(loss, argnums=(0,) + tuple(range(2, 2 + num_weights))))
+
+
+def main(argv) -> None:
+    del argv
+    dtype = jnp.dtype(FLAGS.dtype)
+    tokens, hidden, inter, experts, k = FLAGS.tokens, FLAGS.hidden, FLAGS.inter, FLAGS.experts, FLAGS.top_k
+    if tokens % FLAGS.group_size:
+        raise app.UsageError(f"--tokens={tokens} must be a multiple of --group_size={FLAGS.group_size}")
+    keys = jax.random.split(jax.random.key(0), 8)
+    normal = lambda key, shape, std: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)  # noqa: E731
+    x = normal(keys[0], (tokens, hidden), 1.0)
+    cotangent = jax.random.normal(keys[1], (tokens, hidden), jnp.float32)
+    router = normal(keys[2], (hidden, experts), FLAGS.router_skew / np.sqrt(hidden))
+    w1, w3 = (normal(keys[i], (experts, hidden, inter), hidden ** -0.5) for i in (3, 4))
+    w2 = normal(keys[5], (experts, inter, hidden), inter ** -0.5)
+    d1, d3 = (normal(keys[i], (hidden, k * inter), hidden ** -0.5) for i in (6, 7))
+    d2 = normal(keys[0], (k * inter, hidden), inter ** -0.5)
+
+    n = FLAGS.peak_size
+    a, b = normal(keys[1], (n, n), 1.0), normal(keys[2], (n, n), 1.0)
+    matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
+    peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
+
+    model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
+    counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)
+    _, dropped = jax.jit(one_hot_dispatch)(x, router, w1, w3, w2)
+    rows = []
+    for name, fn, args in (
+            ("dropless MoE (sort + ragged_dot)", dropless_moe, (router, w1, w3, w2)),
+            ("dense-equivalent SwiGLU (width k*inter)", dense_equivalent, (d1, d3, d2)),
+            (f"one-hot dispatch einsum (capacity factor {FLAGS.capacity_factor:g})", one_hot_dispatch,
+             (router, w1, w3, w2))):
+        ms = time_ms(forward_backward(fn, len(args)), x, cotangent, *args)
+        tflops = model_flops / ms / 1e9
+        rows.append(f"| {name} | {ms:.3f} | {tflops:.1f} | {tflops / peak:.1%} |")
+
+    device = jax.devices()[0].device_kind
+    lines = [
+        f"MoE layer forward+backward on {device}: {tokens} tokens, {experts} experts, top-{k}, hidden {hidden}, "
+        f"inter {inter}, {dtype.name}. Reference: {n}x{n}x{n} {dtype.name} matmul at {peak:.1f} TFLOP/s "
+        f"({matmul_ms:.3f} ms). Expert loads min/max {counts.min()}/{counts.max()} slots (mean "
+        f"{tokens * k / experts:.0f}); one-hot baseline dropped {int(dropped)} of {tokens * k} slots. Model FLOPs "
+        f"per step: {model_flops / 1e12:.3f} TFLOP.",
+        "",
+        "| variant | ms (fwd+bwd) | model TFLOP/s | fraction of matmul rate |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.out_md:
+        with open(FLAGS.out_md, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
