@@ -51,7 +51,6 @@ class ModelConfig:
     layernorm_full_attention_beta: float = 1.0
     layernorm_mlp_alpha: float = 1.0
     layernorm_mlp_beta: float = 1.0
-    block_size: int = 256  # lightning block length; does not change the math
     max_position_embeddings: int = 10_240_000
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
@@ -71,7 +70,7 @@ class ModelConfig:
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
-                     "intermediate_size", "block_size", "max_position_embeddings"):
+                     "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -212,7 +211,6 @@ class ModelConfig:
             layernorm_full_attention_beta=raw.get("full_attn_beta_factor", 1.0),
             layernorm_mlp_alpha=raw.get("mlp_alpha_factor", 1.0),
             layernorm_mlp_beta=raw.get("mlp_beta_factor", 1.0),
-            block_size=raw.get("block_size", 256),
             max_position_embeddings=raw.get("max_position_embeddings", 10_240_000),
             router_aux_loss_coef=raw.get("router_aux_loss_coef", 0.001),
             router_jitter_noise=raw.get("router_jitter_noise", 0.0),
@@ -233,6 +231,7 @@ _INERT_KEYS = frozenset({
     "sep_token_id", "decoder_start_token_id", "cross_attention_hidden_size", "finetuning_task", "_name_or_path",
     "torchscript", "use_bfloat16", "pruned_heads", "is_decoder", "attention_dropout", "sliding_window",
     "shared_moe_mode", "rope_scaling", "quantization_config", "mlp_bias", "attention_bias",
+    "block_size",  # transformers' lightning block length: a kernel choice that does not change the math
 })
 # Inert keys whose value must still be the harmless one; anything else changes the math.
 _INERT_REQUIRED = {
@@ -247,7 +246,7 @@ _OFFICIAL_KEYS = frozenset(_FIELD_NAMES) | _INERT_KEYS
 _TRANSFORMERS_KEYS = _INERT_KEYS | {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "layer_types", "num_local_experts", "num_experts_per_tok", "intermediate_size", "rms_norm_eps",
-    "rope_parameters", "rope_theta", "block_size", "max_position_embeddings", "router_aux_loss_coef",
+    "rope_parameters", "rope_theta", "max_position_embeddings", "router_aux_loss_coef",
     "router_jitter_noise", "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id",
     "full_attn_alpha_factor", "full_attn_beta_factor", "linear_attn_alpha_factor", "linear_attn_beta_factor",
     "mlp_alpha_factor", "mlp_beta_factor",
@@ -332,11 +331,11 @@ def small() -> ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """A few hundred thousand parameters, for CPU tests: two 3+1 groups, blocks of 8 tokens."""
+    """A few hundred thousand parameters, for CPU tests: two 3+1 layer groups."""
     return _preset(
         8, (LIGHTNING,) * 3 + (SOFTMAX,), vocab_size=512, hidden_size=64, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
-        rope_theta=10_000.0, rotary_dim=8, block_size=8, max_position_embeddings=4096,
+        rope_theta=10_000.0, rotary_dim=8, max_position_embeddings=4096,
     )
 
 

@@ -106,7 +106,7 @@ def _transformers_config(config) -> dict:
         "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
         "num_local_experts": config.num_local_experts, "num_experts_per_tok": config.num_experts_per_tok,
         "layer_types": ["linear_attention" if t == 0 else "full_attention" for t in config.attn_type_list],
-        "block_size": config.block_size, "rms_norm_eps": config.rms_norm_eps,
+        "block_size": 256, "rms_norm_eps": config.rms_norm_eps,
         "full_attn_alpha_factor": config.layernorm_full_attention_alpha,
         "full_attn_beta_factor": config.layernorm_full_attention_beta,
         "linear_attn_alpha_factor": config.layernorm_linear_attention_alpha,

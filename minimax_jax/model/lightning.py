@@ -52,7 +52,7 @@ def lightning_decay_rates(num_heads: int, layer_index: jax.Array | int, num_laye
 
 def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array, norm: jax.Array,
                     out_proj: jax.Array, decay: jax.Array, segment_ids: jax.Array | None,
-                    block_size: int) -> jax.Array:
+                    block_size: int | None = None) -> jax.Array:
     """The lightning mixer as a pure function (matmuls in ``x.dtype``).
 
     Args:
@@ -60,6 +60,7 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
       qkv_proj: ``[hidden, heads, 3 * head_dim]``, per head the columns are ``[q_h | k_h | v_h]``.
       output_gate: ``[hidden, heads, head_dim]``; norm: ``[heads, head_dim]``; out_proj: ``[heads, head_dim, hidden]``.
       decay: fp32 ``[heads]`` decay rates s_h of this layer.
+      block_size: the op's block length (None: the backend's tuned default; it does not change the math).
     """
     q, k, v = lightning_qkv(x, qkv_proj)
     o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size)
@@ -98,7 +99,7 @@ def lightning_recurrent_step(q: jax.Array, k: jax.Array, v: jax.Array, decay: ja
 
 def lightning_mixer_with_state(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array, norm: jax.Array,
                                out_proj: jax.Array, decay: jax.Array, state: jax.Array, valid: jax.Array | None,
-                               block_size: int) -> tuple[jax.Array, jax.Array]:
+                               block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The mixer continuing from a cached fp32 state: returns the output and the state after the last position.
 
     ``valid`` (bool ``[batch, seq]``, optional) marks real tokens; k and v are zeroed elsewhere, so a padding
@@ -125,7 +126,6 @@ class LightningMixer(nnx.Module):
         hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
         self.num_heads = heads
         self.num_layers = config.num_hidden_layers
-        self.block_size = config.block_size
         self.dtype = dtype
         self.qkv_proj = normal_param(rngs, (hidden, heads, 3 * head_dim), param_dtype, ("embed", "heads", "qkv_dim"))
         self.output_gate = normal_param(rngs, (hidden, heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
@@ -137,8 +137,7 @@ class LightningMixer(nnx.Module):
         decay = lightning_decay_rates(self.num_heads, layer_index, self.num_layers)
         return lightning_mixer(
             x.astype(self.dtype), qkv_proj=self.qkv_proj[...], output_gate=self.output_gate[...],
-            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, segment_ids=segment_ids,
-            block_size=self.block_size)
+            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, segment_ids=segment_ids)
 
     def call_with_state(self, x: jax.Array, *, layer_index: jax.Array | int, state: jax.Array,
                         valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -147,5 +146,4 @@ class LightningMixer(nnx.Module):
         decay = lightning_decay_rates(self.num_heads, layer_index, self.num_layers)
         return lightning_mixer_with_state(
             x.astype(self.dtype), qkv_proj=self.qkv_proj[...], output_gate=self.output_gate[...],
-            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, state=state, valid=valid,
-            block_size=self.block_size)
+            norm=self.norm[...], out_proj=self.out_proj[...], decay=decay, state=state, valid=valid)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from minimax_jax.config import LIGHTNING, ModelConfig
 
+# Block length C of the spec's lightning cost model (the Triton kernel's block).
+LIGHTNING_BLOCK = 64
 
-def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int, lightning_block: int = LIGHTNING_BLOCK) -> float:
     """Forward-pass FLOPs for one token of a ``seq_len`` sequence."""
     h, heads, kv_heads, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     lightning_matmul = 2 * (h * heads * 3 * d + h * heads * d + heads * d * h)
-    lightning_mixing = heads * (4 * config.block_size * d + 4 * d * d)
+    lightning_mixing = heads * (4 * lightning_block * d + 4 * d * d)
     softmax_matmul = 2 * (h * heads * d + 2 * h * kv_heads * d + heads * d * h)
     softmax_mixing = 2 * heads * d * seq_len
     moe = 2 * (h * config.num_local_experts + config.num_experts_per_tok * 3 * h * config.intermediate_size)

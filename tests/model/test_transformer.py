@@ -95,7 +95,7 @@ def test_params_carry_logical_axis_names_with_a_stacked_layers_axis(abstract_tin
 def test_random_init_is_normal_002_with_unit_norms():
     config = ModelConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, attn_type_list=(0, 1, 0, 1), num_local_experts=2,
-                         num_experts_per_tok=1, intermediate_size=16, block_size=4, max_position_embeddings=64)
+                         num_experts_per_tok=1, intermediate_size=16, max_position_embeddings=64)
     model = MiniMaxForCausalLM(config, rngs=nnx.Rngs(0))
     embed = np.asarray(model.embed_tokens[...])
     assert embed.std() == pytest.approx(0.02, rel=0.05) and abs(embed.mean()) < 1e-3
