@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.model.moe import Routing, dropless_experts, expert_token_counts, route, router_z_loss, switch_aux_loss
+from minimax_jax.model.moe import (
+    Routing,
+    dropless_experts,
+    expert_token_counts,
+    route,
+    router_z_loss,
+    switch_aux_loss,
+    tiled_grouped_matmul,
+)
 from tests.model import numpy_reference as ref
 
 
@@ -97,3 +105,18 @@ def test_router_z_loss_is_mean_squared_logsumexp():
     logits = jnp.asarray([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], jnp.bfloat16)
     want = (np.log(4.0) ** 2 + (1 + np.log(4.0)) ** 2) / 2
     assert float(router_z_loss(logits)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("sizes, tile", [((10, 0, 25, 3), 8), ((0, 0, 0, 40), 8), ((1, 2, 3, 0), 16)])
+def test_tiled_grouped_matmul_equals_ragged_dot(sizes, tile):
+    """The GPU path: uneven and empty groups, and rows past sum(group_sizes) (zeros), values and gradients."""
+    rng = np.random.default_rng(sum(sizes) + tile)
+    x = jnp.asarray(rng.standard_normal((40, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 6, 5)), jnp.float32)
+    groups = jnp.asarray(sizes, jnp.int32)
+    tiled = lambda x_, w_: tiled_grouped_matmul(x_, w_, groups, tile=tile)  # noqa: E731
+    ragged = lambda x_, w_: jax.lax.ragged_dot(x_, w_, groups)  # noqa: E731
+    np.testing.assert_allclose(tiled(x, w), ragged(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x_, w_: jnp.sum(jnp.sin(f(x_, w_)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(tiled), (0, 1))(x, w), jax.grad(loss(ragged), (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
