@@ -125,7 +125,7 @@ def main(argv) -> None:
     _, dropped = jax.jit(one_hot_dispatch)(x, router, w1, w3, w2)
     rows = []
     for name, fn, args in (
-            ("dropless MoE (sort + ragged_dot)", dropless_moe, (router, w1, w3, w2)),
+            ("dropless MoE (sort + grouped matmul)", dropless_moe, (router, w1, w3, w2)),
             ("dense-equivalent SwiGLU (width k*inter)", dense_equivalent, (d1, d3, d2)),
             (f"one-hot dispatch einsum (capacity factor {FLAGS.capacity_factor:g})", one_hot_dispatch,
              (router, w1, w3, w2))):
