@@ -30,8 +30,7 @@ def _max_logit_error(folder: Path) -> float:
 
 def _require(variant: str) -> Path:
     folder = GOLDEN / variant
-    if not (folder / "logits.npy").exists():
-        pytest.skip(f"golden data {folder} not generated")
+    assert (folder / "logits.npy").exists(), f"golden data missing in {folder} (tests/golden/README.md)"
     return folder
 
 

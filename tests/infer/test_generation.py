@@ -23,8 +23,7 @@ CAPACITY = 48  # 37 prompt tokens + 8 new tokens, rounded up to the key block
 
 @pytest.fixture(scope="module")
 def golden():
-    if not (GOLDEN / "generate_ids.npy").exists():
-        pytest.skip(f"golden data {GOLDEN} not generated")
+    assert (GOLDEN / "generate_ids.npy").exists(), f"golden data missing in {GOLDEN} (tests/golden/README.md)"
     with jax.default_matmul_precision("highest"):
         model = from_pretrained(GOLDEN, dtype=jnp.float32)
     prompts = np.load(GOLDEN / "input_ids.npy")
