@@ -2,7 +2,8 @@
 
 Memory (fp32 params + grads + 2 Adam moments = 16 bytes/param, ~1.1B params ~ 18 GB) leaves room for activations
 of one 8K-token micro-batch (4 accumulated per step) with full remat of each layer group and a chunked
-cross-entropy (65K vocab: the whole-batch fp32 logits would be 8.6 GB). Needs a ``tokenizer.json`` of at most 65,536 tokens and text data:
+cross-entropy (65K vocab: the whole-batch fp32 logits would be 8.6 GB). Needs a ``tokenizer.json`` of at most
+65,536 tokens and text data:
 ``--config.data.tokenizer=/path/tokenizer.json --config.data.sources=/data/*.jsonl``.
 """
 
