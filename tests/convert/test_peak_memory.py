@@ -41,8 +41,10 @@ def test_streaming_conversion_peak_rss(tmp_path):
     print(f"\ncheckpoint {size / 2**20:.0f} MiB; peak RSS: baseline {baseline / 2**20:.0f} MiB, hf->orbax "
           f"{to_orbax / 2**20:.0f} MiB, orbax->hf {to_hf / 2**20:.0f} MiB")
     for peak in (to_orbax, to_hf):
-        assert peak - baseline < 0.15 * size  # about 8x the largest tensor (34 MB), not the model
-        assert peak < 0.35 * size
+        # What the conversion adds over a process that only imports the same libraries: about 8x the largest tensor
+        # (34 MB), not the model. (Total RSS is not bounded here: the import footprint alone varied from 289 to
+        # 446 MiB between machines.)
+        assert peak - baseline < 0.15 * size
 
     source, exported = read_folder_index(str(tmp_path / "src")), read_folder_index(str(tmp_path / "hf"))
     assert set(source) == set(exported)
