@@ -11,13 +11,7 @@ from flax import nnx
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.norms_rope import apply_partial_rope
 from minimax_jax.model.params_init import normal_param
-
-
-def segment_index(segment_ids: jax.Array) -> jax.Array:
-    """Contiguous-run index of user segment ids ``[batch, seq]``: +1 wherever the id changes (``0 0 1 1 0`` -> three
-    segments), the same convention as ``pallas_kernels.lightning`` so that both mixers see the same segments."""
-    starts = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-    return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
+from pallas_kernels.lightning.ops import segment_index  # one segment convention for both mixers
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
