@@ -23,6 +23,9 @@ from absl import app, flags
 
 from minimax_jax.config import small
 from minimax_jax.model.moe import dropless_experts, route
+from minimax_jax.model.moe_dispatch import tile_layout
+from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import ops as gmm_ops
 
 FLAGS = flags.FLAGS
 _SMALL = small()
@@ -39,6 +42,8 @@ flags.DEFINE_float("router_skew", 1.0, "scale of the router weights (larger: mor
 flags.DEFINE_integer("trials", 7, "timing trials (median)")
 flags.DEFINE_float("min_trial_s", 0.05, "each timing trial lasts at least this long")
 flags.DEFINE_string("out_md", "", "also write the markdown table here")
+flags.DEFINE_bool("tune", False, "first sweep the Triton grouped-matmul launch shapes (TUNING) and keep the best")
+flags.DEFINE_bool("check", True, "compare the GPU path's values and gradients with the ragged_dot backend")
 
 
 def time_ms(fn: Callable, *args) -> float:
@@ -57,9 +62,82 @@ def time_ms(fn: Callable, *args) -> float:
     return statistics.median(trials)
 
 
-def dropless_moe(x, router, w1, w3, w2):
+def dropless_moe(x, router, w1, w3, w2, backend="auto"):
     routing = route(x @ router, FLAGS.top_k)
-    return dropless_experts(x, routing, w1, w3, w2)
+    return dropless_experts(x, routing, w1, w3, w2, backend=backend)
+
+
+def dropless_xla(x, router, w1, w3, w2):
+    return dropless_moe(x, router, w1, w3, w2, backend="xla")
+
+
+def tune(x, router, w1, w2) -> list[str]:
+    """Sweeps gmm (forward + input gradient) and tgmm (weight gradient) launch shapes on this run's layout; sets
+    ``gmm_ops.TUNING`` to the fastest of each and returns report lines."""
+    tile = gmm_ops.TUNING["tile"]
+    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), w1.shape[0], tile)
+    rows = jnp.take(x, layout.slot_of_row // FLAGS.top_k, axis=0, mode="fill", fill_value=0)
+    w13 = jnp.concatenate([w1, w1], axis=-1)
+    dy = jnp.ones((rows.shape[0], w13.shape[-1]), x.dtype)
+    lines = []
+
+    def best(name, grid, fn):
+        results = []
+        for values in grid:
+            gmm_ops.TUNING[name] = dict(values)
+            try:
+                results.append((time_ms(jax.jit(fn), rows, w13, dy), dict(values)))
+            except Exception as error:  # noqa: BLE001 - a shape that does not fit (shared memory) is skipped
+                lines.append(f"- {name} {dict(values)}: failed ({type(error).__name__})")
+        ms, values = min(results, key=lambda r: r[0])
+        gmm_ops.TUNING[name] = values
+        lines.append(f"- {name}: best {values} at {ms:.3f} ms (of {len(results)} shapes)")
+        return ms
+
+    gmm_grid = [dict(tn=tn, bk=bk, num_warps=nw, num_stages=ns) for tn in (64, 128, 256) for bk in (32, 64, 128)
+                for nw in (4, 8) for ns in (3, 4)]
+    tgmm_grid = [dict(bk=bk, bn=bn, num_warps=nw, num_stages=ns) for bk in (64, 128) for bn in (64, 128, 256)
+                 for nw in (4, 8) for ns in (2, 3, 4)]
+    best("gmm", gmm_grid, lambda r, w, d: grouped_matmul(r, w, layout.tile_group, tile=tile, backend="triton"))
+    best("tgmm", tgmm_grid, lambda r, w, d: jax.vjp(
+        lambda w_: grouped_matmul(r, w_, layout.tile_group, tile=tile, backend="triton"), w)[1](d)[0])
+    del w2
+    return lines
+
+
+def matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak) -> str:
+    """The default path's expert matmuls alone (forward+backward on a prebuilt layout): what routing, layout,
+    gathers and the SwiGLU elementwise add on top of them is the difference to the full MoE row."""
+    tile = gmm_ops.tile_rows()
+    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), w1.shape[0], tile)
+    rows = jnp.take(x, layout.slot_of_row // FLAGS.top_k, axis=0, mode="fill", fill_value=0)
+    inter = w1.shape[-1]
+
+    def matmuls(rows_, ct, w1_, w3_, w2_):
+        gate_up = grouped_matmul(rows_, jnp.concatenate([w1_, w3_], -1), layout.tile_group, tile=tile)
+        out = grouped_matmul(gate_up[:, :inter], w2_, layout.tile_group, tile=tile)
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    ct = jnp.ones((rows.shape[0], x.shape[1]), jnp.float32)
+    ms = time_ms(jax.jit(jax.grad(matmuls, argnums=(0, 2, 3, 4))), rows, ct, w1, w3, w2)
+    tflops = model_flops / ms / 1e9
+    return f"| expert matmuls only (3 grouped matmuls fwd+bwd, prebuilt layout) | {ms:.3f} | {tflops:.1f} | " \
+           f"{tflops / peak:.1%} |"
+
+
+def check(x, router, w1, w3, w2, cotangent) -> str:
+    """Largest relative difference (over output and the 5 gradients) of the default path against ragged_dot."""
+    def grads(fn):
+        return forward_backward(fn, 4)(x, cotangent, router, w1, w3, w2)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+    out = rel(jax.jit(dropless_moe)(x, router, w1, w3, w2), jax.jit(dropless_xla)(x, router, w1, w3, w2))
+    errors = [rel(a, b) for a, b in zip(grads(dropless_moe), grads(dropless_xla), strict=True)]
+    return (f"Check against the ragged_dot backend ({FLAGS.dtype}): output {out:.2e}; gradients x, router, w1, w3, "
+            f"w2: {', '.join(f'{e:.2e}' for e in errors)}.")
 
 
 def dense_equivalent(x, w1, w3, w2):
@@ -120,12 +198,16 @@ def main(argv) -> None:
     matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
     peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
 
+    tune_lines = tune(x, router, w1, w2) if FLAGS.tune else []
+    check_line = check(x, router, w1, w3, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
     counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)
     _, dropped = jax.jit(one_hot_dispatch)(x, router, w1, w3, w2)
-    rows = []
+    rows = [matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak)]
     for name, fn, args in (
-            ("dropless MoE (sort + grouped matmul)", dropless_moe, (router, w1, w3, w2)),
+            (f"dropless MoE, grouped matmul backend {gmm_ops.resolve_backend('auto')}", dropless_moe,
+             (router, w1, w3, w2)),
+            ("dropless MoE, grouped matmul backend xla (ragged_dot)", dropless_xla, (router, w1, w3, w2)),
             ("dense-equivalent SwiGLU (width k*inter)", dense_equivalent, (d1, d3, d2)),
             (f"one-hot dispatch einsum (capacity factor {FLAGS.capacity_factor:g})", one_hot_dispatch,
              (router, w1, w3, w2))):
@@ -144,6 +226,10 @@ def main(argv) -> None:
         "| variant | ms (fwd+bwd) | model TFLOP/s | fraction of matmul rate |",
         "|---|---:|---:|---:|",
         *rows,
+        "",
+        check_line,
+        *([f"Tuning (kept): gmm {gmm_ops.TUNING['gmm']}, tgmm {gmm_ops.TUNING['tgmm']}", *tune_lines]
+          if tune_lines else []),
     ]
     table = "\n".join(lines)
     print(table)

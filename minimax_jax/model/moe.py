@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
+from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
 from minimax_jax.model.params_init import normal_param
+from pallas_kernels.grouped_matmul import grouped_matmul, tile_rows
 
 
 class Routing(NamedTuple):
@@ -51,77 +53,44 @@ def router_z_loss(router_logits: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)))
 
 
-def tiled_grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, *,
-                         tile: int = 128) -> jax.Array:
-    """``rows[i] @ weights[e(i)]`` for rows sorted by group, as ONE batched matmul over row tiles.
+def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                  tile: int, backend: str = "auto") -> jax.Array:
+    """``W2_e(silu(W1_e x) * (W3_e x))`` on a tile-aligned layout: row tile i belongs to expert ``tile_group[i]``.
 
-    The same function as ``jax.lax.ragged_dot`` (rows past ``sum(group_sizes)`` give zeros), for GPUs, where XLA
-    lowers ``ragged_dot`` as a dense product with every group (E times the FLOPs). Each group is padded to a multiple
-    of ``tile`` rows, so every tile belongs to one group; tiles then multiply their group's weight matrix, gathered
-    per tile (``[tiles, in, out]``: fine for the ``small`` preset's experts, large for the released model's).
-
-    Args:
-      rows: ``[S, in]``; weights: ``[E, in, out]``; group_sizes: int ``[E]`` with ``sum <= S``.
+    W1 and W3 run as one grouped matmul of twice the width (one pass over the rows). w1, w3:
+    ``[E, hidden, inter]``; w2: ``[E, inter, hidden]``; rows ``[R, hidden]``, padding rows give zeros.
     """
-    num_rows, num_groups = rows.shape[0], weights.shape[0]
-    padded_sizes = (group_sizes + tile - 1) // tile * tile
-    padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
-    starts = jnp.cumsum(group_sizes) - group_sizes
-    row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(num_rows), side="right")
-    in_group = row_group < num_groups
-    row_group = jnp.minimum(row_group, num_groups - 1)
-    num_tiles = -(-(num_rows + num_groups * (tile - 1)) // tile)  # static bound on the padded length
-    dest = jnp.where(in_group, padded_starts[row_group] + jnp.arange(num_rows) - starts[row_group], num_tiles * tile)
-    padded = jnp.zeros((num_tiles * tile + 1, rows.shape[1]), rows.dtype).at[dest].set(rows)[:-1]
-    tile_group = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(num_tiles) * tile, side="right")
-    tile_weights = weights[jnp.minimum(tile_group, num_groups - 1)]
-    out = jnp.einsum("tmi,tio->tmo", padded.reshape(num_tiles, tile, -1), tile_weights)
-    out = jnp.concatenate([out.reshape(num_tiles * tile, -1), jnp.zeros((1, out.shape[-1]), out.dtype)])
-    return out[dest]
+    inter = w1.shape[-1]
+    gate_up = grouped_matmul(rows, jnp.concatenate([w1, w3], axis=-1), tile_group, tile=tile, backend=backend)
+    hidden = jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    return grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend)
 
 
-def grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Grouped matmul of sorted rows: ``ragged_dot`` (CPU, TPU), ``tiled_grouped_matmul`` on GPU (see there)."""
-    if jax.default_backend() == "gpu":
-        return tiled_grouped_matmul(rows, weights, group_sizes)
-    return jax.lax.ragged_dot(rows, weights, group_sizes)
-
-
-def swiglu_grouped(sorted_rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array,
-                   w2: jax.Array) -> jax.Array:
-    """``W2_e(silu(W1_e x) * (W3_e x))`` for rows sorted by expert, as three grouped matmuls.
-
-    Rows past ``sum(group_sizes)`` (padding) come out as zeros. w1, w3: ``[E, hidden, inter]``; w2:
-    ``[E, inter, hidden]``; group_sizes: int32 ``[E]``.
-    """
-    gate = grouped_matmul(sorted_rows, w1, group_sizes)
-    up = grouped_matmul(sorted_rows, w3, group_sizes)
-    return grouped_matmul(jax.nn.silu(gate) * up, w2, group_sizes)
-
-
-def combine_slots(sorted_out: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
-    """Undo the sort of the T*k slots (``order`` from ``argsort``) and sum each token's k outputs, weighted."""
+def combine_slots(slot_out: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each token's k slot outputs (``[T*k, D]``, token-major) summed with its routing weights ``[T, k]``."""
     num_tokens, k = weights.shape
-    y = jnp.zeros_like(sorted_out).at[order].set(sorted_out).reshape(num_tokens, k, -1)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+    # an elementwise product and sum (fused by XLA); as an einsum it becomes T batched 1 x k x D matmuls on GPU
+    weighted = slot_out.reshape(num_tokens, k, -1) * weights.astype(slot_out.dtype)[:, :, None]
+    return jnp.sum(weighted, axis=1, dtype=jnp.float32).astype(slot_out.dtype)
 
 
-def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
+def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                     backend: str = "auto") -> jax.Array:
     """``sum_k w_k * W2_{e_k}(silu(W1_{e_k} x) * (W3_{e_k} x))`` with no capacity limit.
 
-    The T*k (token, expert) slots are sorted by expert id so that each expert's rows are contiguous, then the three
-    matmuls run as grouped matmuls (``jax.lax.ragged_dot``) with group sizes from a bincount, and the results are
-    scattered back and combined with the routing weights.
+    The T*k (token, expert) slots are placed by expert on a tile-aligned layout (``moe_dispatch``), the experts run
+    as grouped matmuls (``pallas_kernels.grouped_matmul``: Pallas-Triton on GPU, ``ragged_dot`` elsewhere), and
+    each token's results are gathered back and combined with its routing weights.
 
     Args:
       x: ``[T, hidden]``; w1, w3: ``[E, hidden, inter]``; w2: ``[E, inter, hidden]``.
+      backend: the grouped-matmul backend (``pallas_kernels.grouped_matmul.BACKENDS``).
     """
-    k = routing.experts.shape[-1]
-    flat_experts = routing.experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    group_sizes = expert_token_counts(flat_experts, w1.shape[0])
-    sorted_out = swiglu_grouped(x[order // k], group_sizes, w1, w3, w2)
-    return combine_slots(sorted_out, order, routing.weights)
+    k, tile = routing.experts.shape[-1], tile_rows(backend)
+    layout = tile_layout(routing.experts.reshape(-1), w1.shape[0], tile)
+    rows = to_rows(x, layout, k)
+    out = expert_swiglu(rows, layout.tile_group, w1, w3, w2, tile=tile, backend=backend)
+    return combine_slots(from_rows(out, layout), routing.weights)
 
 
 class MoEOutput(NamedTuple):

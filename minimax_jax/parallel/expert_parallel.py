@@ -21,9 +21,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from minimax_jax.model.moe import Routing, combine_slots, expert_token_counts, route, swiglu_grouped
+from minimax_jax.model.moe import (
+    Routing,
+    combine_slots,
+    dropless_experts,
+    expert_swiglu,
+    expert_token_counts,
+    route,
+)
+from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
 from minimax_jax.parallel.ragged_collectives import ragged_all_to_all
 from minimax_jax.parallel.sharding import LOGICAL_AXIS_RULES, MeshAxes, ShardingError, check_divisible, mesh_axes_for
+from pallas_kernels.grouped_matmul import tile_rows
 
 
 class ExpertParallelAxes(NamedTuple):
@@ -116,9 +125,9 @@ def all_to_all_experts(sorted_rows: jax.Array, group_sizes: jax.Array, w1: jax.A
         sorted_rows, jnp.zeros((capacity, sorted_rows.shape[1]), sorted_rows.dtype), send_offsets, send_sizes,
         offsets_on_dst, recv_sizes, axis_name=expert_axis)
     recv_counts = all_sizes[:, me, :]  # [src, E_l]
-    order = jnp.argsort(_rows_by_local_expert(recv_counts, capacity), stable=True)
-    out = swiglu_grouped(received[order], jnp.sum(recv_counts, axis=0), w1, w3, w2)
-    out = jnp.zeros_like(out).at[order].set(out)
+    tile = tile_rows()
+    layout = tile_layout(_rows_by_local_expert(recv_counts, capacity), local_experts, tile)
+    out = from_rows(expert_swiglu(to_rows(received, layout, 1), layout.tile_group, w1, w3, w2, tile=tile), layout)
     return ragged_all_to_all(
         out, jnp.zeros_like(sorted_rows), recv_offsets, recv_sizes, offsets_on_src, send_sizes,
         axis_name=expert_axis)
@@ -131,16 +140,17 @@ def _local_moe(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.Array, w2
     logits = tokens @ router
     routing = route(logits, num_experts_per_tok)
     stats = global_router_statistics(logits, routing, axes.tokens)
-    flat_experts = routing.experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    sorted_rows = tokens[order // num_experts_per_tok]
-    group_sizes = expert_token_counts(flat_experts, router.shape[-1])
     if axes.expert:
         (expert_axis,) = axes.expert
+        flat_experts = routing.experts.reshape(-1)
+        order = jnp.argsort(flat_experts, stable=True)
+        sorted_rows = tokens[order // num_experts_per_tok]
+        group_sizes = expert_token_counts(flat_experts, router.shape[-1])
         sorted_out = all_to_all_experts(sorted_rows, group_sizes, w1, w3, w2, expert_axis)
+        slot_out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
+        y = combine_slots(slot_out, routing.weights)
     else:
-        sorted_out = swiglu_grouped(sorted_rows, group_sizes, w1, w3, w2)
-    y = combine_slots(sorted_out, order, routing.weights)
+        y = dropless_experts(tokens, routing, w1, w3, w2)
     if axes.tensor:
         y = jax.lax.psum(y, axes.tensor)  # partial sums over the split expert hidden dimension
     return y.reshape(batch, seq, hidden), stats

@@ -1,0 +1,104 @@
+"""Tile-aligned dispatch of MoE token slots to expert rows, and back.
+
+A token routed to k experts has k "slots" (``slot = token * k + choice``). The experts' grouped matmul
+(``pallas_kernels.grouped_matmul``) wants each expert's slots on contiguous rows padded to whole tiles, so that
+every row tile belongs to one expert. ``tile_layout`` builds that placement once per MoE layer:
+
+    rows  [ e0 e0 e0 0 | e0 0 0 0 | e2 e2 e2 e2 | e2 0 0 0 | unused ... ]   (tile 4, expert 1 empty)
+
+``to_rows`` gathers inputs into it and ``from_rows`` gathers results back. Each is the other's transpose, so both
+gradients are gathers too (autodiff of a gather would give a scatter-add with atomics); padding rows read zeros
+and receive nothing. Nothing is ever dropped: the layout has room for every slot at any expert load.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class TileLayout(NamedTuple):
+    """Where each slot goes. ``R`` rows (a multiple of the tile), ``S`` slots, ``G`` groups (experts)."""
+
+    row_of_slot: jax.Array  # int32 [S]; R for a slot that belongs to no group
+    slot_of_row: jax.Array  # int32 [R]; S for a padding row
+    tile_group: jax.Array  # int32 [R // tile], non-decreasing; G for unused trailing tiles
+
+
+def num_layout_rows(num_slots: int, num_groups: int, tile: int) -> int:
+    """Rows that hold ``num_slots`` slots at any split over ``num_groups`` groups, each padded to whole tiles."""
+    return -(-(num_slots + num_groups * (tile - 1)) // tile) * tile
+
+
+def tile_layout(slot_group: jax.Array, num_groups: int, tile: int) -> TileLayout:
+    """Layout for slots with group ids ``slot_group`` int ``[S]`` (``num_groups`` = belongs to no group).
+
+    Slots of one group keep their order (stable sort); groups are placed in id order, each starting on a tile.
+    """
+    num_slots = slot_group.shape[0]
+    num_rows = num_layout_rows(num_slots, num_groups, tile)
+    slot_group = slot_group.astype(jnp.int32)
+    order = jnp.argsort(slot_group, stable=True)
+    sorted_group = slot_group[order]
+    # group sizes from the sorted ids (a bincount is a scatter-add with atomics on a few addresses on GPU)
+    starts = jnp.searchsorted(sorted_group, jnp.arange(num_groups + 1, dtype=jnp.int32)).astype(jnp.int32)
+    sizes = starts[1:] - starts[:-1]
+    padded = -(-sizes // tile) * tile
+    padded_end = jnp.cumsum(padded)
+    in_group = sorted_group < num_groups
+    group = jnp.minimum(sorted_group, num_groups - 1)
+    rank = jnp.arange(num_slots, dtype=jnp.int32) - starts[group]
+    dest = jnp.where(in_group, padded_end[group] - padded[group] + rank, num_rows)
+    row_of_slot = jnp.zeros(num_slots, jnp.int32).at[order].set(dest, unique_indices=True)
+    slot_of_row = jnp.full(num_rows, num_slots, jnp.int32).at[dest].set(order.astype(jnp.int32), mode="drop")
+    tile_starts = jnp.arange(num_rows // tile, dtype=jnp.int32) * tile
+    tile_group = jnp.searchsorted(padded_end, tile_starts, side="right").astype(jnp.int32)
+    return TileLayout(row_of_slot, slot_of_row, tile_group)
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[index]`` along axis 0, zeros where ``index`` is out of range (padding)."""
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def to_rows(x: jax.Array, layout: TileLayout, slots_per_item: int) -> jax.Array:
+    """Rows ``[R, D]``: row r holds ``x[slot_of_row[r] // slots_per_item]`` (zeros on padding rows).
+
+    ``slots_per_item`` is k for tokens routed to k experts (x holds tokens) and 1 when x already holds slots.
+    """
+    return _take(x, layout.slot_of_row // slots_per_item)
+
+
+def _to_rows_fwd(x, layout, slots_per_item):
+    return to_rows(x, layout, slots_per_item), (layout, x.shape[0])
+
+
+def _to_rows_bwd(slots_per_item, res, d_rows):
+    layout, num_items = res
+    d_slots = _take(d_rows, layout.row_of_slot)  # [S, D]
+    d_x = d_slots.reshape(num_items, slots_per_item, -1).sum(axis=1, dtype=jnp.float32).astype(d_rows.dtype)
+    return d_x, None
+
+
+to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
+
+
+@jax.custom_vjp
+def from_rows(rows: jax.Array, layout: TileLayout) -> jax.Array:
+    """Per-slot results ``[S, D]``: slot s reads ``rows[row_of_slot[s]]`` (zeros for a slot of no group)."""
+    return _take(rows, layout.row_of_slot)
+
+
+def _from_rows_fwd(rows, layout):
+    return from_rows(rows, layout), layout
+
+
+def _from_rows_bwd(layout, d_slots):
+    return _take(d_slots, layout.slot_of_row), None
+
+
+from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)

@@ -1,0 +1,160 @@
+"""Public entry point of the grouped matmul: validation, backend dispatch, custom_vjp of the Pallas backend.
+
+``grouped_matmul(x, w, tile_group, tile=...)`` computes, for rows cut into tiles of ``tile`` rows::
+
+    out[i*tile:(i+1)*tile] = x[i*tile:(i+1)*tile] @ w[tile_group[i]]      (zeros where tile_group[i] == G)
+
+with ``x [R, K]``, ``w [G, K, N]``, ``R`` a multiple of ``tile`` and ``tile_group`` int32 ``[R // tile]``
+NON-DECREASING, the value ``G`` marking unused tiles (which therefore come last). This is the MoE expert matmul
+on a tile-aligned layout: each expert's rows padded to whole tiles (the caller builds the layout once per layer,
+see ``minimax_jax/model/moe_dispatch.py``), so no tile straddles two experts and no kernel needs a row mask.
+Gradients flow to ``x`` and ``w``; ``tile_group`` is a constant.
+
+Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``xla`` (``jax.lax.ragged_dot`` on
+the padded group sizes: the fast path on CPU and TPU), ``triton`` (Pallas-Triton kernels, ``triton_kernels.py``,
+behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``auto`` is triton on GPU (xla there for
+widths that are not multiples of 16), else xla.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul import triton_kernels as tk
+
+BACKENDS = ("auto", "reference", "xla", "triton")
+# Triton launch shapes (scripts/bench_moe.py --tune sweeps them): row tile (= the layout's tile), output column
+# tile and depth step of the forward/input-gradient kernel; depth and column tiles of the weight-gradient kernel.
+TUNING = {
+    "tile": 128,
+    "gmm": {"tn": 64, "bk": 32, "num_warps": 4, "num_stages": 3},  # H100 sweep, small preset (benchmarks.md)
+    "tgmm": {"bk": 64, "bn": 256, "num_warps": 4, "num_stages": 2},
+}
+_FP32_MAX_STAGES = 2  # fp32 operands take twice the shared memory
+_CPU_TILE = 8  # small tiles keep the padding (and so the wasted FLOPs) of the xla/reference layouts small
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``triton`` on GPU, ``xla`` elsewhere; other names are checked and returned."""
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_matmul: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+def tile_rows(backend: str = "auto") -> int:
+    """Row tile a backend wants the layout padded to (a multiple of 8)."""
+    return TUNING["tile"] if resolve_backend(backend) == "triton" else _CPU_TILE
+
+
+def _validate(x, w, tile_group, tile) -> None:
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"grouped_matmul: x must be [rows, k] and w [groups, k, n], got {x.shape} and {w.shape}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_matmul: x has depth {x.shape[1]} but w {w.shape} has depth {w.shape[1]}")
+    if x.shape[0] % tile:
+        raise ValueError(f"grouped_matmul: rows {x.shape[0]} are not a multiple of the tile {tile}")
+    if tile_group.shape != (x.shape[0] // tile,):
+        raise ValueError(f"grouped_matmul: tile_group must have shape ({x.shape[0] // tile},) for {x.shape[0]} rows "
+                         f"and tile {tile}, got {tile_group.shape}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"grouped_matmul: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+
+
+def _reference(x, w, tile_group, tile):
+    num_groups = w.shape[0]
+    tiles = x.reshape(-1, tile, x.shape[1])
+    weights = w[jnp.minimum(tile_group, num_groups - 1)]
+    out = jnp.einsum("tmk,tkn->tmn", tiles, weights, preferred_element_type=jnp.float32)
+    out = jnp.where((tile_group < num_groups)[:, None, None], out, 0.0)
+    return out.reshape(x.shape[0], -1).astype(x.dtype)
+
+
+def _xla(x, w, tile_group, tile):
+    group_sizes = jnp.bincount(tile_group, length=w.shape[0]).astype(jnp.int32) * tile
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _power_of_two_tile(dim: int, want: int, what: str) -> int:
+    """Largest power of two <= ``want`` dividing ``dim`` (>= 16, Triton's smallest matmul tile)."""
+    size = want
+    while size >= 16 and dim % size:
+        size //= 2
+    if size < 16:
+        raise ValueError(f"grouped_matmul[triton]: {what} = {dim} must be a multiple of 16")
+    return size
+
+
+def _triton_fits(x, w) -> bool:
+    return x.shape[1] % 16 == 0 and w.shape[2] % 16 == 0
+
+
+def _launch(name, dtype, **dims):
+    knobs = dict(TUNING[name])
+    if jnp.dtype(dtype).itemsize >= 4:
+        knobs["num_stages"] = min(knobs["num_stages"], _FP32_MAX_STAGES)
+    for knob, (dim, what) in dims.items():
+        knobs[knob] = _power_of_two_tile(dim, knobs[knob], what)
+    return knobs
+
+
+def _triton_gmm(x, w, tile_group, tile, interpret, transpose_w=False):
+    k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    knobs = _launch("gmm", x.dtype, tn=(n, "output width"), bk=(k, "depth"))
+    return tk.gmm(x, w, tile_group, num_groups=w.shape[0], tm=tile, transpose_w=transpose_w, interpret=interpret,
+                  **knobs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _triton(x, w, tile_group, tile, interpret):
+    return _triton_gmm(x, w, tile_group, tile, interpret)
+
+
+def _triton_fwd(x, w, tile_group, tile, interpret):
+    return _triton_gmm(x, w, tile_group, tile, interpret), (x, w, tile_group)
+
+
+def _triton_bwd(tile, interpret, res, dy):
+    x, w, tile_group = res
+    num_groups = w.shape[0]
+    dy = dy.astype(x.dtype)
+    dx = _triton_gmm(dy, w, tile_group, tile, interpret, transpose_w=True)
+    # first tile of each group, then the number of used tiles: tile_group is sorted
+    group_tiles = jnp.searchsorted(tile_group, jnp.arange(num_groups + 1, dtype=tile_group.dtype)).astype(jnp.int32)
+    knobs = _launch("tgmm", x.dtype, bk=(x.shape[1], "depth"), bn=(dy.shape[1], "output width"))
+    dw = tk.tgmm(x, dy, group_tiles, num_groups=num_groups, tm=tile, out_dtype=w.dtype, interpret=interpret,
+                 **knobs)
+    return dx, dw, None
+
+
+_triton.defvjp(_triton_fwd, _triton_bwd)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: int, backend: str = "auto",
+                   interpret: bool | None = None) -> jax.Array:
+    """Row tile ``i`` of ``x`` times ``w[tile_group[i]]`` (module docstring); ``[R, N]`` in the dtype of ``x``.
+
+    Args:
+      x: ``[R, K]`` rows, ``R`` a multiple of ``tile``; w: ``[G, K, N]`` (same dtype as x).
+      tile_group: int32 ``[R // tile]``, non-decreasing, ``G`` for unused tiles.
+      tile: rows per tile (``tile_rows(backend)`` is what the backend wants).
+      backend: one of ``BACKENDS``.
+      interpret: run the triton backend in Pallas interpret mode; None: interpret unless the default device is a
+        GPU (so the triton path is testable on CPU; pass False to lower it for CUDA from a CPU host).
+    """
+    _validate(x, w, tile_group, tile)
+    tile_group = tile_group.astype(jnp.int32)
+    name = resolve_backend(backend)
+    if backend == "auto" and name == "triton" and not _triton_fits(x, w):
+        name = "xla"  # widths that are not multiples of 16 (test-sized models) take ragged_dot
+    if name == "reference":
+        return _reference(x, w, tile_group, tile)
+    if name == "xla":
+        return _xla(x, w, tile_group, tile)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _triton(x, w, tile_group, tile, interpret)

@@ -1,0 +1,111 @@
+"""Grouped matmul: every backend equals the per-tile reference (values, dx, dw), on uneven loads with empty groups
+and unused tiles; bad input is refused; the Triton kernels lower for CUDA from CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import triton as pltriton
+from jax.sharding import AbstractMesh, AxisType
+
+from pallas_kernels.grouped_matmul import grouped_matmul
+from tests.pallas_kernels.test_export import H100
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _problem(tile_group, tile, k, n, groups, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    rows = len(tile_group) * tile
+    x = jax.random.normal(keys[0], (rows, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(keys[1], (groups, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    cotangent = jax.random.normal(keys[2], (rows, n), jnp.float32)
+    return x, w, jnp.asarray(tile_group, jnp.int32), cotangent
+
+
+def _value_and_grads(backend, x, w, tile_group, tile, cotangent):
+    def loss(x_, w_):
+        out = grouped_matmul(x_, w_, tile_group, tile=tile, backend=backend)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    (_, out), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+    return out, dx, dw
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+# 4 groups: group 1 empty, group 0 two tiles, group 3 one tile, then two unused tiles (value 4).
+CASES = [([0, 0, 2, 3, 4, 4], 16, 32, 48), ([1, 1, 1, 1], 16, 64, 16), ([3, 4, 4, 4], 32, 16, 32)]
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tile_group, tile, k, n", CASES)
+def test_backend_equals_reference(backend, dtype, tile_group, tile, k, n):
+    x, w, tg, cotangent = _problem(tile_group, tile, k, n, 4, dtype)
+    got = _value_and_grads(backend, x, w, tg, tile, cotangent)
+    want = _value_and_grads("reference", x.astype(jnp.float32), w.astype(jnp.float32), tg, tile, cotangent)
+    for name, g, r in zip(("out", "dx", "dw"), got, want, strict=True):
+        assert g.dtype == dtype, name
+        assert _rel_err(g, r) < TOL[dtype], (name, _rel_err(g, r))
+    unused = np.repeat(np.asarray(tile_group) == 4, tile)
+    assert not np.any(np.asarray(got[0])[unused]), "unused tiles must be zeros"
+    assert not np.any(np.asarray(got[1])[unused]), "unused tiles get no gradient"
+    empty = sorted(set(range(4)) - set(tile_group))
+    assert not np.any(np.asarray(got[2])[empty]), "a group without rows gets a zero weight gradient"
+
+
+def test_reference_is_the_per_group_product():
+    x, w, tg, _ = _problem([0, 2, 2, 4], 8, 16, 8, 4, jnp.float32, seed=3)
+    out = np.asarray(grouped_matmul(x, w, tg, tile=8, backend="reference"))
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(out[:8], x[:8] @ w[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[8:24], x[8:24] @ w[2], rtol=1e-5, atol=1e-5)
+    assert not np.any(out[24:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "triton"])
+def test_bad_input_is_refused_with_the_problem_named(backend):
+    x, w, tg, _ = _problem([0, 1], 16, 32, 32, 2, jnp.float32)
+    with pytest.raises(ValueError, match="not a multiple of the tile"):
+        grouped_matmul(x[:-1], w, tg, tile=16, backend=backend)
+    with pytest.raises(ValueError, match="tile_group must have shape"):
+        grouped_matmul(x, w, tg[:1], tile=16, backend=backend)
+    with pytest.raises(ValueError, match="depth"):
+        grouped_matmul(x[:, :16], w, tg, tile=16, backend=backend)
+    with pytest.raises(ValueError, match="share a dtype"):
+        grouped_matmul(x.astype(jnp.bfloat16), w, tg, tile=16, backend=backend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        grouped_matmul(x, w, tg, tile=16, backend="cuda")
+
+
+def test_triton_refuses_widths_that_are_not_multiples_of_16():
+    x, w, tg, _ = _problem([0, 1], 16, 32, 24, 2, jnp.float32)
+    with pytest.raises(ValueError, match="output width = 24 must be a multiple of 16"):
+        grouped_matmul(x, w, tg, tile=16, backend="triton")
+
+
+def test_triton_lowers_for_cuda_forward_and_backward():
+    """jax.export for CUDA from this CPU host: one kernel forward, gmm + transposed gmm + weight-gradient kernel."""
+    x = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((8, 256, 128), jnp.bfloat16)
+    tg = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def forward(x_, w_, tg_):
+        return grouped_matmul(x_, w_, tg_, tile=128, backend="triton", interpret=False)
+
+    def grads(x_, w_, tg_):
+        return jax.grad(lambda a, b: jnp.sum(forward(a, b, tg_).astype(jnp.float32) ** 2), argnums=(0, 1))(x_, w_)
+
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)]
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=H100)
+    for fn, kernels in ((forward, 1), (grads, 3)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(x, w, tg)
+        text = exported.mlir_module()
+        assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == kernels, fn.__name__
