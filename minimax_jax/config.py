@@ -1,8 +1,10 @@
 """Model configuration: every field of the released MiniMax-Text-01 config, validated on construction.
 
 Field names follow the official ``config.json`` of ``MiniMaxAI/MiniMax-Text-01`` so that reading and writing it is
-a rename-free mapping. Readers accept both the official format and the transformers (``MiniMaxConfig``) format;
-keys that would change the math but that this implementation does not model are errors, never silently dropped.
+a rename-free mapping. Readers accept the official format, the transformers (``MiniMaxConfig``) format, and a config
+carrying both key sets (what the HF exporter writes, so that transformers and official readers each find their
+keys); in the last case both readings must give the same model. Keys that would change the math but that this
+implementation does not model are errors, never silently dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -136,11 +139,27 @@ class ModelConfig:
     # ------------------------------------------------------------------ config.json readers/writers
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
-        """Build from a config.json dict in the official or the transformers format (detected by its keys)."""
-        if "attn_type_list" in raw:
+        """Build from a config.json dict: official format, transformers format, or both (detected by its keys).
+
+        A config with both ``attn_type_list`` and ``layer_types`` is read both ways; every field must agree
+        (``ConfigError`` naming the field otherwise), except that ``rotary_dim`` is only compared with
+        ``rope_parameters.partial_rotary_factor`` when that key is present.
+        """
+        official, transformers = "attn_type_list" in raw, "layer_types" in raw
+        if official and transformers:
+            _reject_unknown(raw, _OFFICIAL_KEYS | _TRANSFORMERS_KEYS, "official+transformers")
+            return _check_same_model(cls._from_official(raw), cls._from_transformers(raw), raw)
+        if official:
+            _reject_unknown(raw, _OFFICIAL_KEYS, "official")
             return cls._from_official(raw)
-        if "layer_types" in raw:
-            return cls._from_transformers(raw)
+        if transformers:
+            _reject_unknown(raw, _TRANSFORMERS_KEYS, "transformers")
+            config = cls._from_transformers(raw)
+            if config.rotary_dim == config.head_dim:
+                _log.warning("transformers-format config: RoPE on all %d dims, as transformers computes; the "
+                             "released MiniMax-Text-01 weights were trained with rotary_dim=%d", config.head_dim,
+                             config.head_dim // 2)
+            return config
         raise ConfigError(
             "config has neither 'attn_type_list' (official MiniMax-Text-01 format) nor 'layer_types' "
             "(transformers MiniMaxConfig format)")
@@ -162,23 +181,48 @@ class ModelConfig:
         fields["attn_type_list"] = list(self.attn_type_list)
         return {"architectures": ["MiniMaxText01ForCausalLM"], "model_type": "minimax_text_01", **fields}
 
+    def to_transformers_keys(self) -> dict[str, Any]:
+        """transformers' ``MiniMaxConfig`` names for the fields it spells differently (same values).
+
+        transformers 5.23 does not read ``attn_type_list``, ``layernorm_*``, ``postnorm`` or ``rotary_dim``
+        (it would silently build alternating layers with alpha = 1). ``partial_rotary_factor`` is its usual name
+        for partial RoPE, but its MiniMax port ignores it and rotates the full head (a known defect).
+        """
+        return {
+            "layer_types": [_LAYER_TYPE_NAMES[t] for t in self.attn_type_list],
+            **{key: getattr(self, field) for key, field in _FACTOR_KEYS.items()},
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.rotary_dim / self.head_dim},
+        }
+
+    def to_export_dict(self, dtype: str) -> dict[str, Any]:
+        """config.json of an exported safetensors folder: the official keys plus transformers' keys.
+
+        ``model_type``/``architectures`` are transformers' (``minimax`` / ``MiniMaxForCausalLM``): AutoConfig
+        dispatches on ``model_type`` and knows no ``minimax_text_01``. ``dtype`` is written under both the official
+        (``torch_dtype``) and the transformers 5 (``dtype``) name.
+        """
+        return {**self.to_official_dict(), **self.to_transformers_keys(), "architectures": ["MiniMaxForCausalLM"],
+                "model_type": "minimax", "torch_dtype": dtype, "dtype": dtype}
+
     @classmethod
     def _from_official(cls, raw: Mapping[str, Any]) -> ModelConfig:
-        _reject_unknown(raw, _OFFICIAL_KEYS, "official")
         _require(raw, _REQUIRED_KEYS + ("attn_type_list",), "official")
         kwargs = {k: raw[k] for k in _FIELD_NAMES if k in raw}
         _check_no_rope_scaling(raw)
         _check_inert(raw)
         if "head_dim" not in kwargs:
             kwargs["head_dim"] = _infer_head_dim(raw)
+        if "eos_token_id" in kwargs:
+            kwargs["eos_token_id"] = _first_eos(kwargs["eos_token_id"])
         return cls(**kwargs)
 
     @classmethod
     def _from_transformers(cls, raw: Mapping[str, Any]) -> ModelConfig:
-        _reject_unknown(raw, _TRANSFORMERS_KEYS, "transformers")
+        """The model transformers' ``MiniMaxConfig`` describes (its defaults for absent keys), ignoring other keys."""
         _require(raw, _REQUIRED_KEYS + ("layer_types",), "transformers")
         _check_inert(raw)
-        kinds = {"linear_attention": LIGHTNING, "full_attention": SOFTMAX}
+        kinds = {name: kind for kind, name in _LAYER_TYPE_NAMES.items()}
         try:
             attn_types = tuple(kinds[t] for t in raw["layer_types"])
         except KeyError as e:
@@ -194,23 +238,15 @@ class ModelConfig:
         _check_no_rope_scaling(raw)
         head_dim = raw.get("head_dim") or _infer_head_dim(raw)
         # transformers rotates the whole head (it has no rotary_dim); the trained model rotates half of it.
-        rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-        if rotary_dim == head_dim:
-            _log.warning("transformers-format config: RoPE on all %d dims, as transformers computes; the released "
-                         "MiniMax-Text-01 weights were trained with rotary_dim=%d", head_dim, head_dim // 2)
+        rotary_dim = round(head_dim * rope.get("partial_rotary_factor", 1.0))
         return cls(
             vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
             num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
             num_key_value_heads=raw["num_key_value_heads"], head_dim=head_dim, attn_type_list=attn_types,
             num_local_experts=raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
             intermediate_size=raw["intermediate_size"], rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", 10_000.0), rotary_dim=rotary_dim, postnorm=True,
-            layernorm_linear_attention_alpha=raw.get("linear_attn_alpha_factor", 1.0),
-            layernorm_linear_attention_beta=raw.get("linear_attn_beta_factor", 1.0),
-            layernorm_full_attention_alpha=raw.get("full_attn_alpha_factor", 1.0),
-            layernorm_full_attention_beta=raw.get("full_attn_beta_factor", 1.0),
-            layernorm_mlp_alpha=raw.get("mlp_alpha_factor", 1.0),
-            layernorm_mlp_beta=raw.get("mlp_beta_factor", 1.0),
+            rope_theta=rope.get("rope_theta", _TRANSFORMERS_DEFAULT_THETA), rotary_dim=rotary_dim, postnorm=True,
+            **{field: raw.get(key, 1.0) for key, field in _FACTOR_KEYS.items()},
             max_position_embeddings=raw.get("max_position_embeddings", 10_240_000),
             router_aux_loss_coef=raw.get("router_aux_loss_coef", 0.001),
             router_jitter_noise=raw.get("router_jitter_noise", 0.0),
@@ -253,8 +289,47 @@ _TRANSFORMERS_KEYS = _INERT_KEYS | {
 }
 
 
+_LAYER_TYPE_NAMES = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}  # transformers' layer_types
+# transformers' residual factor name -> official field (transformers' default for an absent one is 1).
+_FACTOR_KEYS = {
+    "linear_attn_alpha_factor": "layernorm_linear_attention_alpha",
+    "linear_attn_beta_factor": "layernorm_linear_attention_beta",
+    "full_attn_alpha_factor": "layernorm_full_attention_alpha",
+    "full_attn_beta_factor": "layernorm_full_attention_beta",
+    "mlp_alpha_factor": "layernorm_mlp_alpha",
+    "mlp_beta_factor": "layernorm_mlp_beta",
+}
+# Where transformers reads a field whose official name it does not use (for error messages).
+_TRANSFORMERS_NAME = {"attn_type_list": "layer_types", "rope_theta": "rope_parameters.rope_theta",
+                      "rotary_dim": "rope_parameters.partial_rotary_factor",
+                      **{field: key for key, field in _FACTOR_KEYS.items()}}
+_TRANSFORMERS_DEFAULT_THETA = 1_000_000.0  # MiniMaxConfig.default_theta, used when no rope_theta is given
+
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "num_local_experts", "num_experts_per_tok", "intermediate_size")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to 1e-12 relative (a few ulps of a JSON-printed value)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def _check_same_model(official: ModelConfig, transformers: ModelConfig, raw: Mapping[str, Any]) -> ModelConfig:
+    """A config carrying both key sets must describe one model whichever set is read; returns that model.
+
+    ``rotary_dim`` is compared only when ``rope_parameters.partial_rotary_factor`` is given: transformers ignores
+    partial RoPE anyway (a known defect), so a released config (rotary_dim = head_dim / 2) without it stays valid.
+    """
+    skip = set() if "partial_rotary_factor" in (raw.get("rope_parameters") or {}) else {"rotary_dim"}
+    for name in _FIELD_NAMES:
+        a, b = getattr(official, name), getattr(transformers, name)
+        if name not in skip and not _same_value(a, b):
+            key = _TRANSFORMERS_NAME.get(name, name)
+            raise ConfigError(f"{name}: inconsistent config.json: official {name!r} means {a!r}, transformers' "
+                              f"{key!r} means {b!r} (an absent key means its format's default)")
+    return official
 
 
 def _require(raw: Mapping[str, Any], keys: tuple[str, ...], fmt: str) -> None:

@@ -1,7 +1,10 @@
 """Convert an orbax params checkpoint (converted or trained) into sharded official-name safetensors.
 
-Writes ``model-0000i-of-0000n.safetensors``, ``model.safetensors.index.json`` and an official-format config.json,
-loadable by ``minimax_jax.from_pretrained`` and by transformers. Streaming: one tensor in host memory at a time.
+Writes ``model-0000i-of-0000n.safetensors``, ``model.safetensors.index.json`` and a config.json with the official
+keys plus transformers' ``MiniMaxConfig`` keys (same values), loadable by ``minimax_jax.from_pretrained`` and by
+transformers' ``AutoModelForCausalLM.from_pretrained`` (tests/golden/transformers_export/). transformers 5.23 ignores
+rotary_dim (full-head RoPE): its logits match only for rotary_dim == head_dim. Streaming: one tensor in host memory
+at a time.
 
     python scripts/convert_orbax_to_hf.py --source=/ckpt/orbax --output=/ckpt/hf
     python scripts/convert_orbax_to_hf.py --source=/run/checkpoints --step=1000 --config=small --output=/ckpt/hf

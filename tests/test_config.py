@@ -146,3 +146,66 @@ def test_transformers_format_rejects_unsupported_rope_and_layer_types():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         ModelConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("preset", [minimax_text_01, tiny])
+def test_export_config_carries_both_key_sets_and_reads_back(preset):
+    c = preset()
+    raw = c.to_export_dict("bfloat16")
+    assert ModelConfig.from_dict(raw) == c
+    assert raw["model_type"] == "minimax" and raw["dtype"] == raw["torch_dtype"] == "bfloat16"
+    assert raw["attn_type_list"] == [{"linear_attention": 0, "full_attention": 1}[t] for t in raw["layer_types"]]
+    assert raw["mlp_alpha_factor"] == raw["layernorm_mlp_alpha"] == c.layernorm_mlp_alpha
+    assert raw["rope_parameters"] == {"rope_type": "default", "rope_theta": c.rope_theta, "partial_rotary_factor": 0.5}
+    # Each key set alone also describes the model (the transformers keys up to its RoPE defect).
+    official_only = {k: v for k, v in raw.items() if k not in c.to_transformers_keys()}
+    assert ModelConfig.from_dict(official_only) == c
+    official_names = {"attn_type_list", "postnorm", "rotary_dim", "rope_theta", "shared_intermediate_size",
+                      "torch_dtype"} | {k for k in raw if k.startswith("layernorm_")}
+    transformers_only = {k: v for k, v in raw.items() if k not in official_names}
+    assert ModelConfig.from_dict(transformers_only) == c
+
+
+def test_released_config_with_consistent_transformers_keys_is_accepted():
+    official = _released_official_json()
+    both = official | minimax_text_01().to_transformers_keys() | {"mlp_alpha_factor": 3.556558820077845}  # 1 ulp off
+    assert ModelConfig.from_dict(both) == ModelConfig.from_dict(official)
+    without_partial = both | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e7}}
+    assert ModelConfig.from_dict(without_partial).rotary_dim == 64  # transformers ignores partial RoPE anyway
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layer_types": ["full_attention", "linear_attention"] * 40},
+         r"attn_type_list: inconsistent .*'layer_types' means \(1, 0"),
+        ({"mlp_alpha_factor": 1.0}, r"layernorm_mlp_alpha: inconsistent .*'mlp_alpha_factor' means 1.0"),
+        ({"linear_attn_beta_factor": 0.5}, "layernorm_linear_attention_beta: inconsistent"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+         r"rope_theta: inconsistent .*'rope_parameters.rope_theta' means 1000000.0"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 1.0}},
+         r"rotary_dim: inconsistent .*official 'rotary_dim' means 64, .*partial_rotary_factor' means 128"),
+        ({"rope_theta": 5.0}, r"rope_theta: inconsistent .*official 'rope_theta' means 5.0"),
+        ({"some_new_knob": 3}, r"unknown keys in official\+transformers-format config.json .*some_new_knob"),
+        ({"postnorm": False}, "postnorm=false"),
+    ],
+)
+def test_inconsistent_duplicates_are_errors_naming_the_field(change, message):
+    both = _released_official_json() | minimax_text_01().to_transformers_keys()
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(both | change)
+
+
+def test_absent_transformers_factor_means_its_default_and_must_agree():
+    """transformers reads an absent *_alpha_factor as 1: a two-format config must not leave it out when alpha != 1."""
+    both = _released_official_json() | minimax_text_01().to_transformers_keys()
+    del both["full_attn_alpha_factor"]
+    with pytest.raises(ConfigError, match=r"layernorm_full_attention_alpha: .*'full_attn_alpha_factor' means 1.0"):
+        ModelConfig.from_dict(both)
+
+
+def test_transformers_default_rope_theta_is_minimax_configs():
+    base = {"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "num_local_experts": 1, "num_experts_per_tok": 1, "intermediate_size": 4,
+            "layer_types": ["full_attention"]}
+    assert ModelConfig.from_dict(base).rope_theta == 1e6  # MiniMaxConfig.default_theta

@@ -1,15 +1,22 @@
-"""An orbax params checkpoint (converted or trained) -> sharded official-name safetensors + official config.json.
+"""An orbax params checkpoint (converted or trained) -> sharded official-name safetensors + a two-format config.json.
 
 Each official tensor is read as one slice of its stacked parameter with tensorstore (no cache), laid out and cast,
 and streamed into a safetensors file whose header was written first; host memory is one tensor (or, for a
 checkpoint saved with whole-parameter chunks, one storage chunk). Output goes to a temporary folder renamed at the
-end, so a failed export leaves nothing that looks complete. The folder loads with ``from_pretrained`` and with
-transformers (official names; ``trust_remote_code`` models read the official config).
+end, so a failed export leaves nothing that looks complete.
+
+The tensors are exactly the released checkpoint's (official names, no derived lightning buffers). config.json
+carries the official keys and transformers' ``MiniMaxConfig`` keys with the same values (``ModelConfig
+.to_export_dict``), so the folder loads with ``from_pretrained`` and with transformers'
+``AutoModelForCausalLM.from_pretrained`` (which fuses the expert tensors on load and recomputes the derived buffers
+from the config; its load report lists those buffers as missing). transformers 5.23 rotates the full head whatever
+``rotary_dim`` says, so its logits match this model's only when rotary_dim == head_dim.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +35,8 @@ from minimax_jax.convert.hf_to_orbax import ConversionReport
 from minimax_jax.convert.plan import ParamPlan, conversion_plan
 from minimax_jax.convert.progress import Progress
 from minimax_jax.convert.safetensors_format import TensorSpec, write_folder
+
+_log = logging.getLogger(__name__)
 
 
 def _stored_arrays(params: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
@@ -64,6 +73,11 @@ def _open(params: str, key: tuple[str, ...], use_zarr3: bool, context: ts.Contex
     return ts.open(ts.Spec(spec.json), open=True, read=True, context=context).result()
 
 
+def _torch_dtype_name(dtype: np.dtype) -> str:
+    """The config.json dtype name of the exported tensors (torch's spelling)."""
+    return {"bfloat16": "bfloat16", "float16": "float16"}.get(np.dtype(dtype).name, "float32")
+
+
 def convert_orbax_to_hf(params: str, output: str, config: ModelConfig, *, dtype: np.dtype | str | None = None,
                         max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
                         progress_stream: TextIO | None = sys.stderr) -> ConversionReport:
@@ -72,6 +86,10 @@ def convert_orbax_to_hf(params: str, output: str, config: ModelConfig, *, dtype:
     ``dtype``: the safetensors dtype (default: the stored dtype of each parameter).
     """
     start = time.perf_counter()
+    if config.rotary_dim != config.head_dim:
+        _log.warning("rotary_dim=%d < head_dim=%d: transformers 5.23 ignores rotary_dim and rotates the full head, "
+                     "so transformers' logits on this export will differ from this model's", config.rotary_dim,
+                     config.head_dim)
     stored = _stored_arrays(params)
     plans = conversion_plan(config, dtype or next(iter(stored.values()))[1])
     check_stored(plans, stored)
@@ -104,10 +122,8 @@ def convert_orbax_to_hf(params: str, output: str, config: ModelConfig, *, dtype:
     os.makedirs(tmp)
     try:
         write_folder(tmp, specs, produce, max_shard_bytes, on_tensor=lambda s: progress.update(1, s.nbytes))
-        official = config.to_official_dict()
-        official["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(specs[0].dtype.name, "float32")
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(official, f, indent=2)
+            json.dump(config.to_export_dict(_torch_dtype_name(specs[0].dtype)), f, indent=2)
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
