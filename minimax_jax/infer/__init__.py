@@ -12,7 +12,7 @@ Padding choice: prompts of different lengths are padded on the LEFT, and padding
 * MoE is per token (dropless), so padding tokens do not change real tokens' experts or outputs.
 
 The results equal those of each prompt alone up to floating-point rounding (the blocked lightning op groups the
-tokens into different blocks). ``greedy.greedy_generate_uncached`` is the old uncached stopgap, kept for callers.
+tokens into different blocks).
 """
 
 from minimax_jax.infer.generator import GenerationResult, Generator, PromptTooLongError

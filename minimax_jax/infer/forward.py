@@ -1,7 +1,9 @@
 """The model's forward pass over one chunk of tokens with a ``GenerationCache``: prefill chunks and decode steps.
 
-The layer groups run in a Python loop (not a scan), each on its own unstacked weights and its own cache arrays, so
-that a donated cache is updated in place (a scan would slice the stacked cache and weights on every step).
+The layer groups run in a ``lax.scan`` over the model's own stacked weights (no second copy of them), as in
+training, so the traced program does not grow with depth. The stacked cache rides in the scan's carry (not in xs/ys,
+which would hold an input and an output copy of it): each group reads its slice, and writes back in place a lightning
+state whole and a KV cache only at the chunk's slots.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model.cache import GenerationCache
+from minimax_jax.model.cache import CacheEntry, GenerationCache, entry_of_group, write_group
 from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.transformer import MiniMaxForCausalLM
 
@@ -29,19 +31,18 @@ class InferenceGraph:
 
 
 class InferenceWeights(NamedTuple):
-    """The array half: the weights with the layer-group stack split into one state per group."""
+    """The array half: the model's own arrays, the layer groups' state stacked on a leading group axis."""
 
     embed: jax.Array
-    groups: tuple[nnx.State, ...]
+    groups: nnx.State
     final_norm: jax.Array
     lm_head: jax.Array
 
 
 def split_for_inference(model: MiniMaxForCausalLM) -> tuple[InferenceGraph, InferenceWeights]:
-    """Unstacks the scanned layer groups once (a copy of the layer weights) for ``forward_chunk``."""
+    """The static graph and the arrays of ``model`` for ``forward_chunk``; the arrays are shared, not copied."""
     group_graph, stacked = nnx.split(model.groups)
-    groups = tuple(jax.tree.map(lambda a, g=g: a[g], stacked) for g in range(model.config.num_layer_groups))
-    weights = InferenceWeights(model.embed_tokens[...], groups, model.final_norm.weight[...], model.lm_head[...])
+    weights = InferenceWeights(model.embed_tokens[...], stacked, model.final_norm.weight[...], model.lm_head[...])
     return InferenceGraph(model.config, group_graph, jnp.dtype(model.dtype)), weights
 
 
@@ -53,21 +54,35 @@ def forward_chunk(graph: InferenceGraph, weights: InferenceWeights, cache: Gener
     to them. RoPE positions count from 0 at each row's first real slot. Logits are ``[batch, chunk, vocab]`` with
     ``all_logits``, else those of the chunk's last position ``[batch, vocab]``.
     """
-    config = graph.config
     chunk = input_ids.shape[1]
     slots = cache.index + jnp.arange(chunk, dtype=jnp.int32)
     valid = slots[None, :] >= cache.starts[:, None]
     positions = jnp.maximum(slots[None, :] - cache.starts[:, None], 0)
     h = weights.embed[input_ids].astype(graph.dtype)
-    layers, size = list(cache.layers), config.layer_group_size
-    for g, group_state in enumerate(weights.groups):
-        group = nnx.merge(graph.group_graph, group_state)
-        h, entries = group.call_with_cache(
-            h, group_index=g, entries=tuple(layers[g * size:(g + 1) * size]), positions=positions, valid=valid,
-            cache_index=cache.index, key_start=cache.starts, kv_block=kv_block)
-        layers[g * size:(g + 1) * size] = entries
+    h, stacked = scan_groups(graph, weights.groups, cache, h, positions=positions, valid=valid, kv_block=kv_block)
     if not all_logits:
         h = h[:, -1]
-    h = rms_norm(h, weights.final_norm, config.rms_norm_eps)
+    h = rms_norm(h, weights.final_norm, graph.config.rms_norm_eps)
     logits = jnp.einsum("...d,dv->...v", h, weights.lm_head.astype(graph.dtype), preferred_element_type=jnp.float32)
-    return logits, GenerationCache(tuple(layers), cache.index + chunk, cache.starts)
+    return logits, GenerationCache(stacked, cache.index + chunk, cache.starts)
+
+
+def scan_groups(graph: InferenceGraph, groups: nnx.State, cache: GenerationCache, h: jax.Array, *,
+                positions: jax.Array, valid: jax.Array, kv_block: int | None
+                ) -> tuple[jax.Array, tuple[CacheEntry, ...]]:
+    """The hidden states after every layer group and the updated stacked cache entries."""
+    chunk = h.shape[1]
+
+    def body(carry, xs):
+        h, stacked = carry
+        group_state, g = xs
+        group = nnx.merge(graph.group_graph, group_state)
+        h, entries = group.call_with_cache(
+            h, group_index=g, entries=tuple(entry_of_group(entry, g) for entry in stacked), positions=positions,
+            valid=valid, cache_index=cache.index, key_start=cache.starts, kv_block=kv_block)
+        stacked = tuple(write_group(old, g, new, cache.index, chunk) for old, new in zip(stacked, entries, strict=True))
+        return (h, stacked), None
+
+    group_indices = jnp.arange(graph.config.num_layer_groups, dtype=jnp.int32)
+    (h, stacked), _ = jax.lax.scan(body, (h, cache.stacked), (groups, group_indices))
+    return h, stacked

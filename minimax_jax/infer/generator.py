@@ -94,7 +94,7 @@ class Generator:
     """Cached generation for one model.
 
     Args:
-      model: the causal LM (its layer weights are copied once into per-group arrays; see ``infer/forward.py``).
+      model: the causal LM (its arrays are used in place, the layer groups stay stacked; see ``infer/forward.py``).
       max_length: the most slots (longest prompt + new tokens) one call may use; default the model's
         ``max_position_embeddings``. Longer requests raise ``PromptTooLongError``.
       prefill_chunk: tokens per prefill step (bounds activation memory whatever the prompt length).

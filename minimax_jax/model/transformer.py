@@ -95,9 +95,12 @@ class LayerGroup(nnx.Module):
             counts.append(count)
         return h, jnp.stack(aux_losses), jnp.stack(counts)
 
-    def call_with_cache(self, h: jax.Array, *, group_index: int, entries: tuple[LightningCache | KVCache, ...],
+    def call_with_cache(self, h: jax.Array, *, group_index: jax.Array | int,
+                        entries: tuple[LightningCache | KVCache, ...],
                         **chunk) -> tuple[jax.Array, tuple[LightningCache | KVCache, ...]]:
-        """Cached inference through the group's layers; ``chunk`` is passed to ``DecoderLayer.call_with_cache``."""
+        """Cached inference through the group's layers; ``chunk`` is passed to ``DecoderLayer.call_with_cache``.
+
+        ``group_index`` may be traced (the scan over the stacked groups); ``entries`` are this group's caches."""
         new_entries = []
         for offset, (layer, entry) in enumerate(zip(self.layers, entries, strict=True)):
             h, entry = layer.call_with_cache(h, layer_index=group_index * len(self.layers) + offset, entry=entry,

@@ -1,7 +1,9 @@
 """Cached prefill + decode on the tiny golden model (fp32): equal to the full forward, to transformers' greedy
-``generate``, batched equal to one by one, and independent of the prefill chunk and key block sizes.
+``generate``, batched equal to one by one, and independent of the prefill chunk and key block sizes; the trainer's
+closing sample is that greedy generation.
 
-Every Generator here preallocates the same capacity so that the compiled programs are shared between tests.
+Every Generator here preallocates the same capacity so that the compiled programs are shared between tests (except
+the trainer's, which sizes its own).
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from flax import nnx
 
 from minimax_jax import from_pretrained
 from minimax_jax.infer import Generator, PromptTooLongError
+from minimax_jax.train.trainer import sample_text
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "hf_full_rope"
 RTOL = 1e-5  # fp32: max |difference| relative to max |logit|
@@ -108,3 +111,23 @@ def test_prompt_longer_than_maximum_is_a_clear_error(golden):
     model, prompts, _, _ = golden
     with pytest.raises(PromptTooLongError, match="exceeds the configured maximum length 48"):
         _generator(model).generate([prompts[0].tolist() * 2], max_new_tokens=1)
+
+
+class _IdTokenizer:
+    """Text is the ids written out, so that a sample can be compared token by token."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def encode(self, text):
+        return np.asarray(self.ids, np.int32)
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_trainer_sample_is_the_cached_greedy_generation(golden):
+    model, prompts, generated, _ = golden
+    graphdef, params = nnx.split(model)
+    text = sample_text(graphdef, nnx.to_pure_dict(params), _IdTokenizer(prompts[0]), "unused", NEW)
+    assert text == " ".join(str(int(i)) for i in generated[0, prompts.shape[1]:])
