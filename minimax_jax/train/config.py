@@ -99,6 +99,8 @@ class TrainConfig:
     peak_flops_per_device: float = 989e12  # for MFU: H100 SXM dense bf16
     sample_prompt: str = "def "
     sample_new_tokens: int = 64  # greedy sample printed after training (0: none)
+    profile_steps: int = 0  # trace this many steps (after 3 warm-up steps) into <workdir>/profile; see
+    #                         scripts/trace_summary.py
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "global_batch_size", "grad_accum_steps", "num_steps", "log_every_steps"):

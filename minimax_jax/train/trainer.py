@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from minimax_jax.data.tokenizer import Tokenizer, load_tokenizer
-from minimax_jax.infer.greedy import greedy_generate_uncached
+from minimax_jax.infer import Generator
 from minimax_jax.model.transformer import MiniMaxForCausalLM
 from minimax_jax.parallel.mesh import batch_parallelism, batch_sharding, make_mesh, replicated
 from minimax_jax.train.checkpointing import Checkpointer
@@ -27,6 +27,7 @@ from minimax_jax.train.data import ShardedBatches, global_batch
 from minimax_jax.train.flops import mfu
 from minimax_jax.train.metrics import MetricsWriter, expert_load_metrics, progress_line
 from minimax_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from minimax_jax.train.profiling import StepProfiler
 from minimax_jax.train.step import init_train_state, make_train_step
 
 _log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
     say(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
 
     writer = MetricsWriter(workdir, enabled=is_main)
+    profiler = StepProfiler(workdir / "profile", config.profile_steps, enabled=is_main)
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     skipped_total = 0
@@ -95,8 +97,10 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
     try:
         while step < config.num_steps:
             batch = global_batch(next(data), batch_shard, config.global_batch_size)
+            profiler.before_step(step - start_step)
             state, metrics = compiled(state, batch)
             step += 1
+            profiler.after_step(step - start_step, metrics)
             interval_steps += 1
             pending.append((step, metrics))
             last = step == config.num_steps
@@ -120,6 +124,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
             if stop_after_steps is not None and step - start_step >= stop_after_steps:
                 break
     finally:
+        profiler.stop()
         checkpointer.close()
         writer.close()
     sample = None
@@ -132,11 +137,12 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
 
 
 def sample_text(graphdef: nnx.GraphDef, params: dict, tokenizer: Tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt`` by the model with ``params`` (on this process's default device)."""
-    model = nnx.merge(graphdef, jax.device_get(params))
-    prompt_ids = jnp.asarray(np.asarray(tokenizer.encode(prompt), np.int32)[None, :])
-    ids = greedy_generate_uncached(model, prompt_ids, max_new_tokens)
-    return tokenizer.decode(np.asarray(ids[0, prompt_ids.shape[1]:]))
+    """Greedy cached continuation of ``prompt`` (exactly ``max_new_tokens`` tokens) by the model with ``params``,
+    copied off the training mesh onto this process's default device."""
+    model = nnx.merge(graphdef, jax.device_put(jax.device_get(params)))
+    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
+    generator = Generator(model, max_length=len(prompt_ids) + max_new_tokens)
+    return tokenizer.decode(generator.generate([prompt_ids], max_new_tokens=max_new_tokens).row(0))
 
 
 def _initial_state(config: TrainConfig, mesh) -> tuple[nnx.GraphDef, dict[str, Any]]:
