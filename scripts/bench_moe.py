@@ -67,6 +67,10 @@ def dropless_moe(x, router, w1, w3, w2, backend="auto"):
     return dropless_experts(x, routing, w1, w3, w2, backend=backend)
 
 
+def dropless_triton(x, router, w1, w3, w2):
+    return dropless_moe(x, router, w1, w3, w2, backend="triton")
+
+
 def dropless_xla(x, router, w1, w3, w2):
     return dropless_moe(x, router, w1, w3, w2, backend="xla")
 
@@ -207,6 +211,7 @@ def main(argv) -> None:
     for name, fn, args in (
             (f"dropless MoE, grouped matmul backend {gmm_ops.resolve_backend('auto')}", dropless_moe,
              (router, w1, w3, w2)),
+            ("dropless MoE, grouped matmul backend triton", dropless_triton, (router, w1, w3, w2)),
             ("dropless MoE, grouped matmul backend xla (ragged_dot)", dropless_xla, (router, w1, w3, w2)),
             ("dense-equivalent SwiGLU (width k*inter)", dense_equivalent, (d1, d3, d2)),
             (f"one-hot dispatch einsum (capacity factor {FLAGS.capacity_factor:g})", one_hot_dispatch,

@@ -12,8 +12,9 @@ Gradients flow to ``x`` and ``w``; ``tile_group`` is a constant.
 
 Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``xla`` (``jax.lax.ragged_dot`` on
 the padded group sizes: the fast path on CPU and TPU), ``triton`` (Pallas-Triton kernels, ``triton_kernels.py``,
-behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``auto`` is triton on GPU (xla there for
-widths that are not multiples of 16), else xla.
+behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``mosaic_gpu`` (jax's Hopper ragged-dot kernels,
+``mosaic_gpu.py``, same custom_vjp structure). ``auto``: mosaic_gpu on Hopper, triton on other GPUs, each falling
+back (mosaic_gpu -> triton -> xla) for shapes it does not take; xla on CPU/TPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import triton_kernels as tk
 
-BACKENDS = ("auto", "reference", "xla", "triton")
+BACKENDS = ("auto", "reference", "xla", "triton", "mosaic_gpu")
 # Triton launch shapes (scripts/bench_moe.py --tune sweeps them): row tile (= the layout's tile), output column
 # tile and depth step of the forward/input-gradient kernel; depth and column tiles of the weight-gradient kernel.
 TUNING = {
@@ -37,18 +38,26 @@ _FP32_MAX_STAGES = 2  # fp32 operands take twice the shared memory
 _CPU_TILE = 8  # small tiles keep the padding (and so the wasted FLOPs) of the xla/reference layouts small
 
 
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> ``triton`` on GPU, ``xla`` elsewhere; other names are checked and returned."""
+    """``auto`` -> ``mosaic_gpu`` on Hopper GPUs, ``triton`` on other GPUs, ``xla`` elsewhere; other names are
+    checked and returned."""
     if backend not in BACKENDS:
         raise ValueError(f"grouped_matmul: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "xla"
+        if jax.default_backend() != "gpu":
+            return "xla"
+        return "mosaic_gpu" if _is_hopper() else "triton"
     return backend
 
 
 def tile_rows(backend: str = "auto") -> int:
     """Row tile a backend wants the layout padded to (a multiple of 8)."""
-    return TUNING["tile"] if resolve_backend(backend) == "triton" else _CPU_TILE
+    return TUNING["tile"] if resolve_backend(backend) in ("triton", "mosaic_gpu") else _CPU_TILE
 
 
 def _validate(x, w, tile_group, tile) -> None:
@@ -75,7 +84,7 @@ def _reference(x, w, tile_group, tile):
 
 
 def _xla(x, w, tile_group, tile):
-    group_sizes = jnp.bincount(tile_group, length=w.shape[0]).astype(jnp.int32) * tile
+    group_sizes = _padded_group_sizes(tile_group, w.shape[0], tile)
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -100,6 +109,35 @@ def _launch(name, dtype, **dims):
     for knob, (dim, what) in dims.items():
         knobs[knob] = _power_of_two_tile(dim, knobs[knob], what)
     return knobs
+
+
+def _padded_group_sizes(tile_group, num_groups, tile):
+    """Rows per group of the tile-aligned layout (whole tiles), int32 ``[G]``."""
+    return jnp.bincount(tile_group, length=num_groups).astype(jnp.int32) * tile
+
+
+@jax.custom_vjp
+def _mosaic_gpu(x, w, group_sizes):
+    from pallas_kernels.grouped_matmul import mosaic_gpu  # imports Mosaic GPU: only when asked for
+
+    return mosaic_gpu.gmm(x, w, group_sizes)
+
+
+def _mosaic_gpu_fwd(x, w, group_sizes):
+    return _mosaic_gpu(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _mosaic_gpu_bwd(res, dy):
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    dx = mosaic_gpu.gmm(dy, w, group_sizes, transpose_w=True)
+    dw = mosaic_gpu.tgmm(x, dy, group_sizes).astype(w.dtype)
+    return dx, dw, None
+
+
+_mosaic_gpu.defvjp(_mosaic_gpu_fwd, _mosaic_gpu_bwd)
 
 
 def _triton_gmm(x, w, tile_group, tile, interpret, transpose_w=False):
@@ -149,12 +187,19 @@ def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: i
     _validate(x, w, tile_group, tile)
     tile_group = tile_group.astype(jnp.int32)
     name = resolve_backend(backend)
+    if backend == "auto" and name == "mosaic_gpu":
+        from pallas_kernels.grouped_matmul import mosaic_gpu
+
+        if not mosaic_gpu.fits(x.shape[1], w.shape[2], x.dtype):
+            name = "triton"
     if backend == "auto" and name == "triton" and not _triton_fits(x, w):
         name = "xla"  # widths that are not multiples of 16 (test-sized models) take ragged_dot
     if name == "reference":
         return _reference(x, w, tile_group, tile)
     if name == "xla":
         return _xla(x, w, tile_group, tile)
+    if name == "mosaic_gpu":
+        return _mosaic_gpu(x, w, _padded_group_sizes(tile_group, w.shape[0], tile))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return _triton(x, w, tile_group, tile, interpret)
