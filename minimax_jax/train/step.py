@@ -95,12 +95,20 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         grads, ce_sum, aux, counts = accumulate(params, batch, num_tokens)
         loss = ce_sum / num_tokens
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
+
+        def update(operands):
+            params_, opt_state_, grads_ = operands
+            updates, opt_state_ = optimizer.update(grads_, opt_state_, params_)
+            return optax.apply_updates(params_, updates), opt_state_
+
         if skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            # a conditional, not a select over the whole state: selecting costs an extra pass over params and
+            # optimizer state every step (7% of the small preset's step on an H100)
+            new_params, new_opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
+                                                     (params, opt_state, grads))
+        else:
+            new_params, new_opt_state = update((params, opt_state, grads))
         metrics = {
             "loss": loss, "aux_loss": aux, "grad_norm": grad_norm,
             "learning_rate": schedule(_or(update_count(opt_state), state["step"])), "tokens": num_tokens,
