@@ -43,8 +43,10 @@ def tile_layout(slot_group: jax.Array, num_groups: int, tile: int) -> TileLayout
     slot_group = slot_group.astype(jnp.int32)
     order = jnp.argsort(slot_group, stable=True)
     sorted_group = slot_group[order]
-    # group sizes from the sorted ids (a bincount is a scatter-add with atomics on a few addresses on GPU)
-    starts = jnp.searchsorted(sorted_group, jnp.arange(num_groups + 1, dtype=jnp.int32)).astype(jnp.int32)
+    # group sizes from the sorted ids (a bincount is a scatter-add with atomics on a few addresses on GPU);
+    # compare_all: one fused comparison (the default "scan" method is a device loop of ~log2(S) tiny kernels)
+    group_ids = jnp.arange(num_groups + 1, dtype=jnp.int32)
+    starts = jnp.searchsorted(sorted_group, group_ids, method="compare_all").astype(jnp.int32)
     sizes = starts[1:] - starts[:-1]
     padded = -(-sizes // tile) * tile
     padded_end = jnp.cumsum(padded)
@@ -55,7 +57,7 @@ def tile_layout(slot_group: jax.Array, num_groups: int, tile: int) -> TileLayout
     row_of_slot = jnp.zeros(num_slots, jnp.int32).at[order].set(dest, unique_indices=True)
     slot_of_row = jnp.full(num_rows, num_slots, jnp.int32).at[dest].set(order.astype(jnp.int32), mode="drop")
     tile_starts = jnp.arange(num_rows // tile, dtype=jnp.int32) * tile
-    tile_group = jnp.searchsorted(padded_end, tile_starts, side="right").astype(jnp.int32)
+    tile_group = jnp.searchsorted(padded_end, tile_starts, side="right", method="compare_all").astype(jnp.int32)
     return TileLayout(row_of_slot, slot_of_row, tile_group)
 
 

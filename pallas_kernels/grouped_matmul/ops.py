@@ -162,7 +162,8 @@ def _triton_bwd(tile, interpret, res, dy):
     dy = dy.astype(x.dtype)
     dx = _triton_gmm(dy, w, tile_group, tile, interpret, transpose_w=True)
     # first tile of each group, then the number of used tiles: tile_group is sorted
-    group_tiles = jnp.searchsorted(tile_group, jnp.arange(num_groups + 1, dtype=tile_group.dtype)).astype(jnp.int32)
+    group_ids = jnp.arange(num_groups + 1, dtype=tile_group.dtype)
+    group_tiles = jnp.searchsorted(tile_group, group_ids, method="compare_all").astype(jnp.int32)
     knobs = _launch("tgmm", x.dtype, bk=(x.shape[1], "depth"), bn=(dy.shape[1], "output width"))
     dw = tk.tgmm(x, dy, group_tiles, num_groups=num_groups, tm=tile, out_dtype=w.dtype, interpret=interpret,
                  **knobs)
