@@ -52,7 +52,7 @@ def _loss(fn, cotangent):
     return loss
 
 
-MESHES = {"expert8": {"expert": 8}, "expert4_data2": {"expert": 4, "data": 2},
+MESHES = {"expert2": {"expert": 2}, "expert8": {"expert": 8}, "expert4_data2": {"expert": 4, "data": 2},
           "expert2_tensor2_data2": {"expert": 2, "tensor": 2, "data": 2}, "data2_fsdp2_sequence2": {
               "data": 2, "fsdp": 2, "sequence": 2}}
 
