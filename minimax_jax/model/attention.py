@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,10 @@ from minimax_jax.config import ModelConfig
 from minimax_jax.model.norms_rope import apply_partial_rope
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.lightning.ops import segment_index  # one segment convention for both mixers
+
+with warnings.catch_warnings():  # the module warns that it moves to tokamax; it is still the one jax ships
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -27,23 +32,87 @@ def causal_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_id
 
     Args:
       q: ``[batch, seq, heads, head_dim]``; k, v: ``[batch, seq, kv_heads, head_dim]`` (not repeated: query head h
-        reads kv head ``h // (heads / kv_heads)``, which ``jax.nn.dot_product_attention`` does natively).
+        reads kv head ``h // (heads / kv_heads)``).
       segment_ids: optional int ``[batch, seq]``; a token attends only to earlier tokens of its own segment (a
         contiguous run of equal ids).
-      implementation: ``xla`` | ``cudnn`` | None (cuDNN on GPU for bf16/fp16 without segments, else XLA).
+      implementation: ``xla`` | ``cudnn`` | ``pallas`` | None (see ``default_implementation``). ``pallas`` is the
+        Pallas-Triton flash kernel (``flash_gqa_attention``; interpret mode off GPU); a sequence length that does
+        not fit its blocks (``pallas_fits``) runs the XLA path instead.
     """
-    mask = None if segment_ids is None else segment_mask(segment_ids)
     if implementation is None:
-        implementation = _default_implementation(q.dtype, has_mask=mask is not None)
+        implementation = default_implementation(q.dtype, has_segments=segment_ids is not None)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}, expected one of {IMPLEMENTATIONS}")
+    if implementation == "pallas":
+        if pallas_fits(q.shape[1], q.shape[-1]):
+            return flash_gqa_attention(q, k, v, segment_ids=segment_ids)
+        implementation = "xla"
+    mask = None if segment_ids is None else segment_mask(segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=True,
                                         implementation=implementation)
 
 
-def _default_implementation(dtype, *, has_mask: bool) -> str:
-    """cuDNN's fused causal attention on GPU for 16-bit inputs without a segment mask (it takes no fp32 and would
-    turn a mask into a dense bias); XLA otherwise. ``jax.nn.dot_product_attention``'s own default is always XLA."""
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 and not has_mask else "xla"
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
+
+def default_implementation(dtype, *, has_segments: bool) -> str:
+    """On GPU for 16-bit inputs: cuDNN's fused causal attention without segments, the Pallas flash kernel with
+    segments (cuDNN would turn the segment mask into a dense bias). XLA otherwise (fp32, CPU, TPU).
+    ``jax.nn.dot_product_attention``'s own default is always XLA, which materializes fp32 score matrices."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
+        return "xla"
+    return "pallas" if has_segments else "cudnn"
+
+
+# Tiles of the Pallas-Triton kernel (forward: q 128 x kv 64; backward: 64 x 64). Backward q and kv blocks must be
+# equal (the fused dq/dkv grid needs as many q blocks as kv blocks). Tunable; the math does not depend on them.
+PALLAS_BLOCK_SIZES = pallas_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
+                                                 block_q_dq=64, block_kv_dq=64)
+
+
+def _effective_blocks(seq_len: int, block_sizes: pallas_attention.BlockSizes) -> tuple[int, ...]:
+    """The tiles the kernel really uses: each block size clipped to the sequence length, as ``mha`` does."""
+    sizes = (block_sizes.block_q, block_sizes.block_k, block_sizes.block_q_dkv, block_sizes.block_kv_dkv,
+             block_sizes.block_q_dq, block_sizes.block_kv_dq)
+    return tuple(min(size, seq_len) for size in sizes)
+
+
+def pallas_fits(seq_len: int, head_dim: int, block_sizes: pallas_attention.BlockSizes = PALLAS_BLOCK_SIZES) -> bool:
+    """Whether the flash kernel can run this shape on GPU: every tile divides ``seq_len`` (the kernel has no
+    tail handling) and is a power of two >= 16 (Triton block shapes), and ``head_dim >= 16`` (Triton dots).
+    With the default blocks: any multiple of 128, and 16, 32, 64. Other lengths take the XLA path."""
+    tiles = _effective_blocks(seq_len, block_sizes)
+    return head_dim >= 16 and all(t >= 16 and t & (t - 1) == 0 and seq_len % t == 0 for t in tiles)
+
+
+def flash_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+                        interpret: bool | None = None,
+                        block_sizes: pallas_attention.BlockSizes = PALLAS_BLOCK_SIZES) -> jax.Array:
+    """``causal_gqa_attention`` through jax's Pallas-Triton flash attention (``pallas.ops.gpu.attention.mha``).
+
+    Scores never leave the chip: fp32 ``q k^T`` per tile, an fp32 online softmax (unnormalized probabilities are
+    cast to v's dtype for the ``p v`` matmul, as the XLA path casts the normalized ones), fp32 accumulators, and a
+    Triton backward that recomputes the probabilities from the saved log-sum-exp. Every query sees at least itself
+    (causal diagonal, own segment), so no row is empty. The kernel needs as many kv heads as q heads: k and v are
+    repeated over the head axis (the repeat's transpose sums the gradients of a group). Segment ids are passed as
+    ``segment_index`` (so ``0 0 1 1 0`` is three segments, like the XLA path). Requires ``pallas_fits``. Meant
+    for bf16/fp16: fp32 inputs on GPU go through Triton's default fp32 dot (TF32), unlike the fp32 XLA path.
+
+    Args:
+      interpret: Pallas interpret mode; None = on unless the default backend is a GPU (set False to lower for
+        CUDA from a CPU host, e.g. ``jax.export``).
+    """
+    seq_len, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    if not pallas_fits(seq_len, head_dim, block_sizes):
+        raise ValueError(f"seq_len {seq_len} / head_dim {head_dim} do not fit the flash kernel's blocks "
+                         f"{_effective_blocks(seq_len, block_sizes)}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    group = heads // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    index = None if segment_ids is None else segment_index(segment_ids)
+    return pallas_attention.mha(q, k, v, index, sm_scale=1.0 / math.sqrt(head_dim), causal=True,
+                                block_sizes=block_sizes, interpret=interpret)
 
 
 def cached_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_start: jax.Array) -> jax.Array:
