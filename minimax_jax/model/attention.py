@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
+from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import apply_partial_rope
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.lightning.ops import segment_index  # one segment convention for both mixers
@@ -193,7 +194,8 @@ class SoftmaxAttention(nnx.Module):
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         q, k, v = self._project_qkv(x, positions)
         o = causal_gqa_attention(q, k, v, segment_ids=segment_ids)
-        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype),
+                          out_sharding=row_parallel_out_sharding(o))
 
     def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k, v ``[batch, seq, (kv_)heads, head_dim]`` with partial RoPE at ``positions`` on q and k."""
@@ -219,4 +221,5 @@ class SoftmaxAttention(nnx.Module):
         values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, cache_index, 0, 0))
         query_slots = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
         o = cached_gqa_attention(q, keys, values, query_slots=query_slots, key_start=key_start, kv_block=kv_block)
-        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype)), keys, values
+        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype),
+                          out_sharding=row_parallel_out_sharding(o)), keys, values

@@ -15,6 +15,7 @@ from flax import nnx
 
 import pallas_kernels.lightning as lightning_kernels
 from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
+from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.params_init import normal_param, ones_param
 
@@ -80,7 +81,8 @@ def lightning_output(o: jax.Array, x: jax.Array, *, output_gate: jax.Array, norm
     dtype = x.dtype
     o = rms_norm(o.astype(dtype), norm, LIGHTNING_NORM_EPS)  # one norm over all heads * head_dim features
     gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, output_gate.astype(dtype)))
-    return jnp.einsum("bthk,hkd->btd", gate * o, out_proj.astype(dtype))
+    gated = gate * o
+    return jnp.einsum("bthk,hkd->btd", gated, out_proj.astype(dtype), out_sharding=row_parallel_out_sharding(gated))
 
 
 def lightning_recurrent_step(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array,

@@ -11,6 +11,7 @@ from flax import nnx
 from minimax_jax.config import LIGHTNING, ModelConfig
 from minimax_jax.model.attention import SoftmaxAttention
 from minimax_jax.model.cache import KVCache, LightningCache
+from minimax_jax.model.explicit_sharding import explicit_spec
 from minimax_jax.model.lightning import LightningMixer
 from minimax_jax.model.moe import MoE
 from minimax_jax.model.norms_rope import RMSNorm, rms_norm
@@ -118,6 +119,15 @@ REMAT_POLICIES = {
 }
 
 
+def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]``; under a mesh with Explicit axes the rows come out sharded like ``ids`` (batch, sequence),
+    which the gather cannot infer on its own."""
+    spec = explicit_spec(ids)
+    if spec is None:
+        return table[ids]
+    return table.at[ids].get(out_sharding=jax.sharding.PartitionSpec(*spec, None))
+
+
 def _stacked_groups(config: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> LayerGroup:
     """``num_layer_groups`` LayerGroups with their params stacked on a leading "layers" axis."""
 
@@ -177,7 +187,7 @@ class MiniMaxForCausalLM(nnx.Module):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
         positions = self._check_inputs(input_ids, segment_ids, positions)
-        h = self.embed_tokens[...][input_ids].astype(self.dtype)
+        h = embed_lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
         graphdef, stacked = nnx.split(self.groups)
 
         def body(carry, xs):

@@ -197,6 +197,16 @@ def lightning_attention(
     return (o, final) if return_final_state else o
 
 
+def _zero_state_like(q: jax.Array) -> jax.Array:
+    """fp32 zeros ``[B, H, D, D]``, under a mesh with Explicit axes sharded over batch and heads like ``q``."""
+    b, _, h, d = q.shape
+    sharding = jax.typeof(q).sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+        spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+        return jnp.zeros((b, h, d, d), jnp.float32, out_sharding=jax.sharding.PartitionSpec(spec[0], spec[2]))
+    return jnp.zeros((b, h, d, d), jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpret):
     """Jitted body of ``lightning_attention`` on validated arguments: ``(o, final_state)``."""
@@ -208,7 +218,7 @@ def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpre
         seg_idx = jnp.zeros((b, t), jnp.int32)
     else:
         seg_idx = segment_index(segment_ids)
-    state = initial_state if initial_state is not None else jnp.zeros((b, h, d, d), jnp.float32)
+    state = initial_state if initial_state is not None else _zero_state_like(q)
     t0 = (t // block) * block
     outs = []
     if t0 > 0:

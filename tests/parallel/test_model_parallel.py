@@ -1,8 +1,9 @@
 """The whole model on 8 simulated devices (expert 8; expert 4 x data 2; expert 2 x tensor 2 x data 2) gives the
 single-device logits, per-layer aux losses, expert counts and parameter gradients (fp32, 1e-5 relative).
 
-The model's dense layers run under Auto axis types (the compiler places their collectives); the MoE runs in its
-shard_map. Parameters are created sharded by ``create_sharded``.
+Under Auto axis types the compiler places the dense layers' collectives; under Explicit ones the shardings are part
+of the types (the embedding lookup and the lightning op's zero state say theirs). The MoE runs in its shard_map.
+Parameters are created sharded by ``create_sharded``.
 """
 
 import jax
@@ -46,9 +47,10 @@ def single_device(batch):
     return logits, stats, grads
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_sharded_model_equals_single_device(mesh_name, batch, single_device):
-    mesh = mesh_of(MESHES[mesh_name], AxisType.Auto)
+def test_sharded_model_equals_single_device(mesh_name, axis_type, batch, single_device):
+    mesh = mesh_of(MESHES[mesh_name], axis_type)
     graphdef, state = nnx.split(create_sharded(lambda: MiniMaxForCausalLM(CONFIG, rngs=nnx.Rngs(1)), mesh))
     with jax.set_mesh(mesh):
         (_, (logits, stats)), grads = _value_and_grad(state, graphdef, *(shard_batch(a, mesh) for a in batch))
