@@ -29,7 +29,8 @@ F32 = jnp.float32
 def _dot(a, b, *, trans_a=False, trans_b=False):
     """fp32-accumulating 2-D matmul; fp32 operands use IEEE fp32 (Triton's default for them is TF32)."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == F32 else None
+    # explicit either way, so a global jax_default_matmul_precision cannot change the kernel
+    precision = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 

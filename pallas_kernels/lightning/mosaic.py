@@ -89,7 +89,9 @@ def _mm(a, b, dims=None, *, mm_dtype):
     """fp32-accumulated matmul with operands in ``mm_dtype`` (HIGHEST precision for fp32 operands)."""
     a = a.astype(mm_dtype)
     b = b.astype(mm_dtype)
-    precision = lax.Precision.HIGHEST if mm_dtype == _F32 else None
+    # explicit either way, so a global jax_default_matmul_precision cannot change the kernel (Mosaic rejects
+    # HIGHEST on 16-bit operands)
+    precision = lax.Precision.HIGHEST if mm_dtype == _F32 else lax.Precision.DEFAULT
     if dims is None:
         dims = (((1,), (0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
