@@ -79,7 +79,8 @@ def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Arra
     """``sum_k w_k * W2_{e_k}(silu(W1_{e_k} x) * (W3_{e_k} x))`` with no capacity limit.
 
     The T*k (token, expert) slots are placed by expert on a tile-aligned layout (``moe_dispatch``), the experts run
-    as grouped matmuls (``pallas_kernels.grouped_matmul``: Pallas-Triton on GPU, ``ragged_dot`` elsewhere), and
+    as grouped matmuls (``pallas_kernels.grouped_matmul``: Mosaic-GPU kernels on Hopper, Pallas-Triton on other
+    GPUs, ``ragged_dot`` elsewhere), and
     each token's results are gathered back and combined with its routing weights.
 
     Args:
