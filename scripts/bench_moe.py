@@ -23,7 +23,7 @@ from absl import app, flags
 
 from minimax_jax.config import small
 from minimax_jax.model.moe import dropless_experts, route
-from minimax_jax.model.moe_dispatch import tile_layout
+from minimax_jax.model.moe_dispatch import tile_layout, to_rows
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.grouped_matmul import ops as gmm_ops
 
@@ -75,12 +75,17 @@ def dropless_xla(x, router, w1, w3, w2):
     return dropless_moe(x, router, w1, w3, w2, backend="xla")
 
 
-def tune(x, router, w1, w2) -> list[str]:
+def layout_rows(x, router, num_experts: int, tile: int):
+    """This run's routing as a tile-aligned layout, and the token rows gathered into it (as the MoE does)."""
+    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), num_experts, tile)
+    return layout, to_rows(x, layout, FLAGS.top_k)
+
+
+def tune(x, router, w1) -> list[str]:
     """Sweeps gmm (forward + input gradient) and tgmm (weight gradient) launch shapes on this run's layout; sets
     ``gmm_ops.TUNING`` to the fastest of each and returns report lines."""
     tile = gmm_ops.TUNING["tile"]
-    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), w1.shape[0], tile)
-    rows = jnp.take(x, layout.slot_of_row // FLAGS.top_k, axis=0, mode="fill", fill_value=0)
+    layout, rows = layout_rows(x, router, w1.shape[0], tile)
     w13 = jnp.concatenate([w1, w1], axis=-1)
     dy = jnp.ones((rows.shape[0], w13.shape[-1]), x.dtype)
     lines = []
@@ -105,7 +110,6 @@ def tune(x, router, w1, w2) -> list[str]:
     best("gmm", gmm_grid, lambda r, w, d: grouped_matmul(r, w, layout.tile_group, tile=tile, backend="triton"))
     best("tgmm", tgmm_grid, lambda r, w, d: jax.vjp(
         lambda w_: grouped_matmul(r, w_, layout.tile_group, tile=tile, backend="triton"), w)[1](d)[0])
-    del w2
     return lines
 
 
@@ -113,8 +117,7 @@ def matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak) -> str
     """The default path's expert matmuls alone (forward+backward on a prebuilt layout): what routing, layout,
     gathers and the SwiGLU elementwise add on top of them is the difference to the full MoE row."""
     tile = gmm_ops.tile_rows()
-    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), w1.shape[0], tile)
-    rows = jnp.take(x, layout.slot_of_row // FLAGS.top_k, axis=0, mode="fill", fill_value=0)
+    layout, rows = layout_rows(x, router, w1.shape[0], tile)
     inter = w1.shape[-1]
 
     def matmuls(rows_, ct, w1_, w3_, w2_):
@@ -202,7 +205,7 @@ def main(argv) -> None:
     matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
     peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
 
-    tune_lines = tune(x, router, w1, w2) if FLAGS.tune else []
+    tune_lines = tune(x, router, w1) if FLAGS.tune else []
     check_line = check(x, router, w1, w3, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
     counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)

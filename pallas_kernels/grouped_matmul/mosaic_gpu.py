@@ -41,5 +41,4 @@ def gmm(x, w, group_sizes, *, transpose_w=False):
 
 def tgmm(x, dy, group_sizes):
     """``[G, k, n]``: per row group, ``x_g^T @ dy_g``."""
-    out = transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes, **TUNING["tgmm"])
-    return out
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes, **TUNING["tgmm"])

@@ -11,6 +11,7 @@ from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh, AxisType
 
 from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul.ops import _is_hopper
 from tests.pallas_kernels.test_export import H100
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -111,12 +112,7 @@ def test_triton_lowers_for_cuda_forward_and_backward():
         assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == kernels, fn.__name__
 
 
-def _hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
-
-
-@pytest.mark.skipif(not _hopper(), reason="Mosaic GPU ragged-dot kernels need an sm_90 GPU (no interpret mode)")
+@pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU ragged-dot kernels need an sm_90 GPU (no interpret mode)")
 def test_mosaic_gpu_equals_reference_on_hopper():
     """jax's Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
     leave unwritten: the backend must zero them)."""
