@@ -1,24 +1,27 @@
-"""Ranks the device ops of a JAX profiler trace by total time: where a step's time goes.
+"""Where a step's device time goes: ranks the ops of a JAX profiler trace, and with the compiled HLO groups them by
+the model's named scopes (``minimax_jax.train.profiling``).
 
     python3 scripts/trace_summary.py <dir holding plugins/profile/*/*.trace.json.gz> [--top=30]
+        [--hlo=<file or XLA dump directory>] [--out_md=summary.md]
 
-Reads the newest ``*.trace.json.gz`` under the directory (written by ``jax.profiler``, e.g. by
-``--config.profile_steps`` of scripts/train.py), keeps complete events of device (GPU/TPU) processes, and prints
-for each op name: total ms, share of all device time, count and mean us.
+``--hlo``: the compiled module's text, or a directory holding ``*after_optimizations.txt`` files (an XLA
+``--xla_dump_to`` dump). Default: the file the trainer saves beside its trace (``profiling.HLO_FILE``).
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
 import json
 from pathlib import Path
 
 from absl import app, flags
 
+from minimax_jax.train.profiling import HLO_FILE, device_op_times, hlo_op_names, time_by_scope
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("top", 30, "ops to list")
-flags.DEFINE_string("out_md", "", "also write the table here")
+flags.DEFINE_string("hlo", "", "compiled HLO text file, or an XLA dump directory, for the by-scope table")
+flags.DEFINE_string("out_md", "", "also write the tables here")
 
 
 def newest_trace(directory: Path) -> Path:
@@ -28,30 +31,34 @@ def newest_trace(directory: Path) -> Path:
     return traces[-1]
 
 
-def device_op_times(trace: dict) -> dict[str, list[float]]:
-    """Durations (us) of the complete events of device processes, by op name."""
-    device_pids = {event["pid"] for event in trace["traceEvents"]
-                   if event.get("ph") == "M" and event.get("name") == "process_name"
-                   and any(tag in event["args"]["name"] for tag in ("/device:GPU", "/device:TPU"))}
-    if not device_pids:
-        names = sorted({event["args"]["name"] for event in trace["traceEvents"]
-                        if event.get("ph") == "M" and event.get("name") == "process_name"})
-        raise ValueError(f"no device process in the trace (processes: {names})")
-    times: dict[str, list[float]] = collections.defaultdict(list)
-    for event in trace["traceEvents"]:
-        if event.get("ph") == "X" and event.get("pid") in device_pids:
-            times[event["name"]].append(float(event.get("dur", 0.0)))
-    return times
+def read_hlo(path: Path) -> dict[str, str]:
+    files = sorted(path.rglob("*after_optimizations.txt")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no *after_optimizations.txt under {path}")
+    names: dict[str, str] = {}
+    for file in files:
+        names.update(hlo_op_names(file.read_text()))
+    return names
 
 
-def summary(times: dict[str, list[float]], top: int) -> str:
+def op_table(times: dict[str, list[float]], top: int, op_names: dict[str, str]) -> str:
     total = sum(sum(v) for v in times.values())
     rows = sorted(times.items(), key=lambda item: -sum(item[1]))[:top]
     lines = [f"device time {total / 1e3:.2f} ms over {sum(len(v) for v in times.values())} events", "",
-             "| op | total ms | share | count | mean us |", "|---|---:|---:|---:|---:|"]
+             "| op | total ms | share | count | mean us | source |", "|---|---:|---:|---:|---:|---|"]
     for name, durations in rows:
-        lines.append(f"| `{name[:90]}` | {sum(durations) / 1e3:.3f} | {sum(durations) / total:.1%} | "
-                     f"{len(durations)} | {sum(durations) / len(durations):.1f} |")
+        source = op_names.get(name, "")[-80:]
+        lines.append(f"| `{name[:60]}` | {sum(durations) / 1e3:.3f} | {sum(durations) / total:.1%} | "
+                     f"{len(durations)} | {sum(durations) / len(durations):.1f} | `{source}` |")
+    return "\n".join(lines)
+
+
+def scope_table(times: dict[str, list[float]], op_names: dict[str, str]) -> str:
+    totals = time_by_scope(times, op_names)
+    grand = sum(totals.values())
+    lines = ["| scope | ms | share |", "|---|---:|---:|"]
+    for label, us in sorted(totals.items(), key=lambda item: -item[1]):
+        lines.append(f"| {label} | {us / 1e3:.3f} | {us / grand:.1%} |")
     return "\n".join(lines)
 
 
@@ -60,10 +67,15 @@ def main(argv) -> None:
         raise app.UsageError("usage: trace_summary.py <trace directory>")
     path = newest_trace(Path(argv[1]))
     with gzip.open(path, "rb") as f:
-        table = summary(device_op_times(json.load(f)), FLAGS.top)
-    print(f"{path}\n{table}")
+        times = device_op_times(json.load(f))
+    hlo = Path(FLAGS.hlo) if FLAGS.hlo else Path(argv[1]) / HLO_FILE
+    op_names = read_hlo(hlo) if FLAGS.hlo or hlo.exists() else {}
+    tables = op_table(times, FLAGS.top, op_names)
+    if op_names:
+        tables += "\n\n" + scope_table(times, op_names)
+    print(f"{path}\n{tables}")
     if FLAGS.out_md:
-        Path(FLAGS.out_md).write_text(table + "\n")
+        Path(FLAGS.out_md).write_text(tables + "\n")
 
 
 if __name__ == "__main__":

@@ -88,10 +88,13 @@ def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Arra
       backend: the grouped-matmul backend (``pallas_kernels.grouped_matmul.BACKENDS``).
     """
     k, tile = routing.experts.shape[-1], tile_rows(backend)
-    layout = tile_layout(routing.experts.reshape(-1), w1.shape[0], tile)
-    rows = to_rows(x, layout, k)
-    out = expert_swiglu(rows, layout.tile_group, w1, w3, w2, tile=tile, backend=backend)
-    return combine_slots(from_rows(out, layout), routing.weights)
+    with jax.named_scope("dispatch"):
+        layout = tile_layout(routing.experts.reshape(-1), w1.shape[0], tile)
+        rows = to_rows(x, layout, k)
+    with jax.named_scope("experts"):
+        out = expert_swiglu(rows, layout.tile_group, w1, w3, w2, tile=tile, backend=backend)
+    with jax.named_scope("combine"):
+        return combine_slots(from_rows(out, layout), routing.weights)
 
 
 class MoEOutput(NamedTuple):
@@ -128,9 +131,10 @@ class MoE(nnx.Module):
             return MoEOutput(y, stats.aux_loss, stats.expert_counts, stats.z_loss)
         batch, seq, hidden = x.shape
         tokens = x.reshape(batch * seq, hidden)
-        logits = tokens @ router
-        routing = route(logits, self.num_experts_per_tok)
+        with jax.named_scope("router"):
+            logits = tokens @ router
+            routing = route(logits, self.num_experts_per_tok)
+            counts = expert_token_counts(routing.experts, router.shape[-1])
+            aux_loss, z_loss = switch_aux_loss(routing.probs, routing.experts), router_z_loss(logits)
         y = dropless_experts(tokens, routing, w1, w3, w2)
-        counts = expert_token_counts(routing.experts, router.shape[-1])
-        return MoEOutput(y.reshape(batch, seq, hidden), switch_aux_loss(routing.probs, routing.experts), counts,
-                         router_z_loss(logits))
+        return MoEOutput(y.reshape(batch, seq, hidden), aux_loss, counts, z_loss)

@@ -48,14 +48,22 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h: jax.Array, *, layer_index: jax.Array | int, positions: jax.Array,
                  segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns the layer output, the router aux loss and the expert counts."""
-        xn = self.input_norm(h)
+        # named scopes label the ops in profiles (scripts/trace_summary.py groups device time by them)
+        with jax.named_scope("norms_residual"):
+            xn = self.input_norm(h)
         if self.is_lightning:
-            mixed = self.mixer(xn, layer_index=layer_index, segment_ids=segment_ids)
+            with jax.named_scope("lightning_attention"):
+                mixed = self.mixer(xn, layer_index=layer_index, segment_ids=segment_ids)
         else:
-            mixed = self.mixer(xn, positions=positions, segment_ids=segment_ids)
-        hn = self.post_attention_norm(self.attn_alpha * xn + self.attn_beta * mixed.astype(xn.dtype))
-        moe = self.moe(hn)
-        return self.mlp_alpha * hn + self.mlp_beta * moe.output.astype(hn.dtype), moe.aux_loss, moe.expert_counts
+            with jax.named_scope("softmax_attention"):
+                mixed = self.mixer(xn, positions=positions, segment_ids=segment_ids)
+        with jax.named_scope("norms_residual"):
+            hn = self.post_attention_norm(self.attn_alpha * xn + self.attn_beta * mixed.astype(xn.dtype))
+        with jax.named_scope("moe"):
+            moe = self.moe(hn)
+        with jax.named_scope("norms_residual"):
+            out = self.mlp_alpha * hn + self.mlp_beta * moe.output.astype(hn.dtype)
+        return out, moe.aux_loss, moe.expert_counts
 
     def call_with_cache(self, h: jax.Array, *, layer_index: jax.Array | int, entry: LightningCache | KVCache,
                         positions: jax.Array, valid: jax.Array, cache_index: jax.Array, key_start: jax.Array,
@@ -187,7 +195,8 @@ class MiniMaxForCausalLM(nnx.Module):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
         positions = self._check_inputs(input_ids, segment_ids, positions)
-        h = embed_lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
+        with jax.named_scope("embed"):
+            h = embed_lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
         graphdef, stacked = nnx.split(self.groups)
 
         def body(carry, xs):
@@ -200,7 +209,8 @@ class MiniMaxForCausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
         group_indices = jnp.arange(self.config.num_layer_groups, dtype=jnp.int32)
         h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices))
-        h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
+        with jax.named_scope("norms_residual"):
+            h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
         return h, RouterStats(aux.reshape(-1), counts.reshape(self.config.num_hidden_layers, -1))
 
     def _check_inputs(self, input_ids, segment_ids, positions) -> jax.Array:

@@ -44,11 +44,13 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, remat_policy: str, loss_chunk_size: 
         hidden, stats = model.hidden_states(batch["inputs"], segment_ids=batch["segment_ids"],
                                             positions=batch["positions"], remat_policy=remat_policy)
         lm_head = model.lm_head[...]
-        if loss_chunk_size is None:
-            ce_sum = cross_entropy_sum(logits_from_hidden(hidden, lm_head), batch["targets"], batch["loss_mask"])
-        else:
-            ce_sum = chunked_cross_entropy_sum(hidden, lm_head, batch["targets"], batch["loss_mask"],
-                                               chunk_size=loss_chunk_size)
+        with jax.named_scope("loss"):
+            if loss_chunk_size is None:
+                ce_sum = cross_entropy_sum(logits_from_hidden(hidden, lm_head), batch["targets"],
+                                           batch["loss_mask"])
+            else:
+                ce_sum = chunked_cross_entropy_sum(hidden, lm_head, batch["targets"], batch["loss_mask"],
+                                                   chunk_size=loss_chunk_size)
         aux = jnp.mean(stats.aux_loss)
         objective = ce_sum / num_tokens + aux_loss_coef * aux
         return objective, (ce_sum, aux, stats.expert_counts)
@@ -79,7 +81,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         def body(carry, micro_batch):
             grads_acc, ce_acc, aux_acc, counts_acc = carry
             grads, (ce_sum, aux, counts) = grad_fn(params, micro_batch, num_tokens)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            with jax.named_scope("grad_accumulation"):
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, ce_acc + ce_sum, aux_acc + aux / grad_accum_steps, counts_acc + counts), None
 
         first = jax.tree.map(lambda x: x[0], micro)
@@ -94,9 +97,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         grads, ce_sum, aux, counts = accumulate(params, batch, num_tokens)
         loss = ce_sum / num_tokens
-        grad_norm = optax.tree.norm(grads)
+        with jax.named_scope("grad_norm"):
+            grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
 
+        @jax.named_scope("optimizer")
         def update(operands):
             params_, opt_state_, grads_ = operands
             updates, opt_state_ = optimizer.update(grads_, opt_state_, params_)
