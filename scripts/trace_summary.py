@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from minimax_jax.train.profiling import HLO_FILE, device_op_times, hlo_op_names, time_by_scope
+from minimax_jax.train.profiling import HLO_FILE, device_busy, device_op_times, hlo_op_names, time_by_scope
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("top", 30, "ops to list")
@@ -67,10 +67,18 @@ def main(argv) -> None:
         raise app.UsageError("usage: trace_summary.py <trace directory>")
     path = newest_trace(Path(argv[1]))
     with gzip.open(path, "rb") as f:
-        times = device_op_times(json.load(f))
+        trace = json.load(f)
+    times = device_op_times(trace)
+    busy, span = device_busy(trace)
     hlo = Path(FLAGS.hlo) if FLAGS.hlo else Path(argv[1]) / HLO_FILE
     op_names = read_hlo(hlo) if FLAGS.hlo or hlo.exists() else {}
     tables = op_table(times, FLAGS.top, op_names)
+    if span:
+        tables = (f"device busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span ({busy / span:.1%}; the rest it "
+                  f"waited on the host)\n" + tables)
+    if any(name.startswith("command_buffer") for name in times):
+        tables += ("\n\nOps ran inside CUDA graphs (command_buffer_*): for per-op names run with "
+                   "XLA_FLAGS=--xla_gpu_enable_command_buffer= (scripts/train.py does when profiling).")
     if op_names:
         tables += "\n\n" + scope_table(times, op_names)
     print(f"{path}\n{tables}")

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from minimax_jax.train.config import apply_overrides, load_config_file
 from minimax_jax.train.distributed import initialize_distributed
+from minimax_jax.train.profiling import per_op_gpu_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERRIDE_PREFIX = "--config."
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config_path = Path(_CONFIG.value)
     config = apply_overrides(load_config_file(config_path), _overrides)  # fails before any device work
+    if config.profile_steps:
+        per_op_gpu_events()
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto_detect=_AUTO.value)
     from minimax_jax.train.trainer import train  # after distributed init: importing it must not touch devices
 

@@ -10,6 +10,7 @@ compiled module's text (``HLO_FILE``, saved beside the trace by the trainer) giv
 from __future__ import annotations
 
 import collections
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,21 @@ HLO_FILE = "train_step.after_optimizations.txt"  # in the profile directory
 # jax.named_scope names set by the model and the train step, outermost first in a group's label
 PROFILE_SCOPES = ("embed", "lightning_attention", "softmax_attention", "norms_residual", "moe", "router",
                   "dispatch", "experts", "combine", "loss", "grad_accumulation", "grad_norm", "optimizer")
+
+
+def per_op_gpu_events() -> None:
+    """Turns off XLA's CUDA graphs (command buffers) for this process, so that a GPU trace names the HLO op of
+    each kernel instead of one ``command_buffer_*`` for many. Call before JAX initializes its backends.
+
+    Kernel times are unchanged; launch gaps may grow, so measure throughput in a run without profiling.
+    """
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("per_op_gpu_events() must run before JAX initializes its backends")
+    flag = "--xla_gpu_enable_command_buffer="
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 class StepProfiler:
@@ -72,6 +88,27 @@ def device_op_times(trace: dict) -> dict[str, list[float]]:
     if not times:
         raise ValueError("no device ops in the trace (no GPU/TPU process and no event naming an HLO op)")
     return times
+
+
+def device_busy(trace: dict) -> tuple[float, float]:
+    """``(busy_us, span_us)`` of the GPU/TPU processes: the union of their op intervals and first start to last
+    end. ``busy / span`` below 1 means the device idled (waiting on the host: launches, syncs, input)."""
+    device_pids = {event["pid"] for event in trace["traceEvents"]
+                   if event.get("ph") == "M" and event.get("name") == "process_name"
+                   and any(tag in event["args"]["name"] for tag in ("/device:GPU", "/device:TPU"))}
+    intervals = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in trace["traceEvents"]
+                       if e.get("ph") == "X" and e.get("pid") in device_pids and "ts" in e)
+    if not intervals:
+        return 0.0, 0.0
+    busy, (current_start, current_end) = 0.0, intervals[0]
+    for start, end in intervals[1:]:
+        if start > current_end:
+            busy += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    busy += current_end - current_start
+    return busy, intervals[-1][1] - intervals[0][0] if len(intervals) > 1 else current_end - current_start
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
