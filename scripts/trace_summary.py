@@ -53,11 +53,11 @@ def op_table(times: dict[str, list[float]], top: int, op_names: dict[str, str]) 
     return "\n".join(lines)
 
 
-def scope_table(times: dict[str, list[float]], op_names: dict[str, str]) -> str:
-    totals = time_by_scope(times, op_names)
+def scope_table(times: dict[str, list[float]], op_names: dict[str, str], *, with_op: bool, top: int) -> str:
+    totals = time_by_scope(times, op_names, with_op=with_op)
     grand = sum(totals.values())
-    lines = ["| scope | ms | share |", "|---|---:|---:|"]
-    for label, us in sorted(totals.items(), key=lambda item: -item[1]):
+    lines = [f"| scope{': op' if with_op else ''} | ms | share |", "|---|---:|---:|"]
+    for label, us in sorted(totals.items(), key=lambda item: -item[1])[:top]:
         lines.append(f"| {label} | {us / 1e3:.3f} | {us / grand:.1%} |")
     return "\n".join(lines)
 
@@ -80,7 +80,8 @@ def main(argv) -> None:
         tables += ("\n\nOps ran inside CUDA graphs (command_buffer_*): for per-op names run with "
                    "XLA_FLAGS=--xla_gpu_enable_command_buffer= (scripts/train.py does when profiling).")
     if op_names:
-        tables += "\n\n" + scope_table(times, op_names)
+        tables += "\n\n" + scope_table(times, op_names, with_op=False, top=len(times))
+        tables += "\n\n" + scope_table(times, op_names, with_op=True, top=FLAGS.top)
     print(f"{path}\n{tables}")
     if FLAGS.out_md:
         Path(FLAGS.out_md).write_text(tables + "\n")

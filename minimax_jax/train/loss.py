@@ -1,11 +1,13 @@
 """Next-token cross-entropy from final hidden states, optionally chunked over the sequence.
 
 The chunked form never holds fp32 logits for the whole batch: a scan computes ``[batch, chunk, vocab]`` logits per
-chunk, and ``jax.checkpoint`` makes the backward pass recompute them instead of storing every chunk's.
+chunk, and when differentiated it computes each chunk's gradients in the same pass (no recomputation).
 Both forms return the masked *sum* of token losses, so micro-batches add up to the big batch exactly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,27 +47,76 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arra
     return jnp.sum(token_losses * loss_mask.astype(jnp.float32))
 
 
+def _split_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """``[batch, seq, ...]`` -> ``[seq // chunk_size, batch, chunk_size, ...]``."""
+    batch, seq = x.shape[:2]
+    return x.reshape(batch, seq // chunk_size, chunk_size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _merge_chunks(x: jax.Array) -> jax.Array:
+    """Inverse of ``_split_chunks``."""
+    num_chunks, batch, chunk_size = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def chunked_cross_entropy_sum(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                              *, chunk_size: int) -> jax.Array:
+                              chunk_size: int) -> jax.Array:
     """``cross_entropy_sum(logits_from_hidden(hidden, lm_head), ...)`` computed ``chunk_size`` positions at a time.
 
+    Never holds more than one chunk's fp32 logits ``[batch, chunk_size, vocab]``. Under differentiation the
+    forward pass also computes the gradients of the (scalar) loss, chunk by chunk, while that chunk's logits are at
+    hand ("fused linear cross-entropy"); the backward pass only scales them by the incoming cotangent. The logits
+    are thus computed once, not recomputed, and the logit gradient goes to the compute dtype in the same pass.
+
     Args:
-      hidden: ``[batch, seq, d]``; lm_head: ``[d, vocab]``; targets int ``[batch, seq]``; loss_mask ``[batch, seq]``.
+      hidden: ``[batch, seq, d]``; lm_head: ``[d, vocab]``; targets int ``[batch, seq]``; loss_mask ``[batch, seq]``;
+      chunk_size: must divide seq.
     """
-    batch, seq, dim = hidden.shape
-    if seq % chunk_size:
-        raise ValueError(f"chunk_size {chunk_size} must divide the sequence length {seq}")
-    num_chunks = seq // chunk_size
-
-    def split(x):
-        return x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_loss(h, t, m):
-        return cross_entropy_sum(logits_from_hidden(h, lm_head), t, m)
+    _check_chunking(hidden, chunk_size)
 
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        h, t, m = xs
+        return total + cross_entropy_sum(logits_from_hidden(h, lm_head), t, m), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(loss_mask)))
+    chunks = tuple(_split_chunks(x, chunk_size) for x in (hidden, targets, loss_mask))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
     return total
+
+
+def _check_chunking(hidden: jax.Array, chunk_size: int) -> None:
+    if hidden.ndim != 3 or hidden.shape[1] % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} must divide the sequence length of hidden {hidden.shape}")
+
+
+def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
+    _check_chunking(hidden, chunk_size)
+    weights = lm_head.astype(hidden.dtype)
+
+    def body(d_lm_head, xs):
+        h, t, m = xs
+        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32)
+        log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+        target_logits = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        mask = m.astype(jnp.float32)
+        loss = jnp.sum((log_normalizer - target_logits) * mask)
+        # d loss / d logits = mask * (softmax - onehot(target)), rounded once to the compute dtype
+        is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None].astype(jnp.int32)
+        d_logits = ((jnp.exp(logits - log_normalizer[..., None]) - is_target) * mask[..., None]).astype(h.dtype)
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, weights, preferred_element_type=jnp.float32).astype(h.dtype)
+        d_lm_head = d_lm_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        return d_lm_head, (loss, d_h)
+
+    chunks = tuple(_split_chunks(x, chunk_size) for x in (hidden, targets, loss_mask))
+    d_lm_head, (losses, d_hidden) = jax.lax.scan(body, jnp.zeros(lm_head.shape, jnp.float32), chunks)
+    dtype_token = jnp.zeros((0,), lm_head.dtype)  # residuals must be arrays: carries lm_head's dtype
+    return jnp.sum(losses), (_merge_chunks(d_hidden), d_lm_head, dtype_token)
+
+
+def _chunked_bwd(chunk_size, res, g):
+    d_hidden, d_lm_head, dtype_token = res
+    return ((g * d_hidden.astype(jnp.float32)).astype(d_hidden.dtype), (g * d_lm_head).astype(dtype_token.dtype),
+            None, None)
+
+
+chunked_cross_entropy_sum.defvjp(_chunked_fwd, _chunked_bwd)

@@ -163,10 +163,28 @@ def scope_of(op_name: str, scopes: tuple[str, ...] = PROFILE_SCOPES) -> str:
     return label + (" bwd" if "transpose(" in op_name else " fwd")
 
 
-def time_by_scope(times: dict[str, list[float]], op_names: dict[str, str]) -> dict[str, float]:
-    """Total us per scope label (``scope_of``); ops missing from ``op_names`` go to ``(not in the HLO)``."""
+def source_op(op_name: str) -> str:
+    """The JAX-level op of an ``op_name``: ``.../moe/experts/dot_general`` -> ``dot_general``,
+    ``.../jit(mha)/mha_forward/pallas_call`` -> ``mha_forward/pallas_call``."""
+    parts = [part for part in op_name.split("/") if part]
+    if not parts:
+        return "?"
+    if parts[-1] in ("pallas_call", "custom_call", "mpmd_map") and len(parts) > 1:
+        return f"{parts[-2]}/{parts[-1]}"
+    return parts[-1]
+
+
+def time_by_scope(times: dict[str, list[float]], op_names: dict[str, str], *,
+                  with_op: bool = False) -> dict[str, float]:
+    """Total us per scope label (``scope_of``), or per ``label: source_op`` with ``with_op``; ops missing from
+    ``op_names`` go to ``(not in the HLO)``."""
     totals: dict[str, float] = collections.defaultdict(float)
     for name, durations in times.items():
-        label = scope_of(op_names[name]) if name in op_names else "(not in the HLO)"
+        if name not in op_names:
+            label = "(not in the HLO)"
+        else:
+            label = scope_of(op_names[name])
+            if with_op and op_names[name]:
+                label += f": {source_op(op_names[name])}"
         totals[label] += sum(durations)
     return dict(totals)
