@@ -69,9 +69,15 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
 
 
 def lightning_qkv(x: jax.Array, qkv_proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``silu(x @ Wqkv)`` split per head into q, k, v, each ``[batch, seq, heads, head_dim]`` in ``x.dtype``."""
-    qkv = jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, qkv_proj.astype(x.dtype)))
-    q, k, v = jnp.split(qkv, 3, axis=-1)
+    """``silu(x @ Wqkv)`` split per head into q, k, v, each ``[batch, seq, heads, head_dim]`` in ``x.dtype``.
+
+    Three matmuls on column slices of the weight rather than one whose output is split: slicing the weight is
+    cheap, while splitting the activation copies q, k and v (and concatenates their gradients) in every layer.
+    """
+    head_dim = qkv_proj.shape[-1] // 3
+    weights = qkv_proj.astype(x.dtype)
+    q, k, v = (jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, weights[..., i * head_dim:(i + 1) * head_dim]))
+               for i in range(3))
     return q, k, v
 
 
