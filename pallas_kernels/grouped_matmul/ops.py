@@ -14,7 +14,8 @@ Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``x
 the padded group sizes: the fast path on CPU and TPU), ``triton`` (Pallas-Triton kernels, ``triton_kernels.py``,
 behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``mosaic_gpu`` (jax's Hopper ragged-dot kernels,
 ``mosaic_gpu.py``, same custom_vjp structure). ``auto``: mosaic_gpu on Hopper, triton on other GPUs, each falling
-back (mosaic_gpu -> triton -> xla) for shapes it does not take; xla on CPU/TPU.
+back (mosaic_gpu -> triton -> xla) for shapes it does not take, and Triton inside ``jax.shard_map`` (see
+``pallas_kernels/manual_axes.py``); xla on CPU/TPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import triton_kernels as tk
+from pallas_kernels.manual_axes import like_primal, to_union, union_axes
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic_gpu")
 # Triton launch shapes (scripts/bench_moe.py --tune sweeps them): row tile (= the layout's tile), output column
@@ -141,6 +143,7 @@ _mosaic_gpu.defvjp(_mosaic_gpu_fwd, _mosaic_gpu_bwd)
 
 
 def _triton_gmm(x, w, tile_group, tile, interpret, transpose_w=False):
+    x, w, tile_group = to_union(x, w, tile_group)  # inside shard_map: one set of manual axes (manual_axes.py)
     k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     knobs = _launch("gmm", x.dtype, tn=(n, "output width"), bk=(k, "depth"))
     return tk.gmm(x, w, tile_group, num_groups=w.shape[0], tm=tile, transpose_w=transpose_w, interpret=interpret,
@@ -157,9 +160,9 @@ def _triton_fwd(x, w, tile_group, tile, interpret):
 
 
 def _triton_bwd(tile, interpret, res, dy):
-    x, w, tile_group = res
+    x_primal, w_primal, tile_group = res
+    x, w, dy = to_union(x_primal, w_primal, dy.astype(x_primal.dtype))
     num_groups = w.shape[0]
-    dy = dy.astype(x.dtype)
     dx = _triton_gmm(dy, w, tile_group, tile, interpret, transpose_w=True)
     # first tile of each group, then the number of used tiles: tile_group is sorted
     group_ids = jnp.arange(num_groups + 1, dtype=tile_group.dtype)
@@ -167,7 +170,7 @@ def _triton_bwd(tile, interpret, res, dy):
     knobs = _launch("tgmm", x.dtype, bk=(x.shape[1], "depth"), bn=(dy.shape[1], "output width"))
     dw = tk.tgmm(x, dy, group_tiles, num_groups=num_groups, tm=tile, out_dtype=w.dtype, interpret=interpret,
                  **knobs)
-    return dx, dw, None
+    return like_primal(dx, x_primal), like_primal(dw, w_primal), None
 
 
 _triton.defvjp(_triton_fwd, _triton_bwd)
@@ -191,8 +194,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: i
     if backend == "auto" and name == "mosaic_gpu":
         from pallas_kernels.grouped_matmul import mosaic_gpu
 
-        if not mosaic_gpu.fits(x.shape[1], w.shape[2], x.dtype):
+        # jax's kernels cannot declare the manual axes of their outputs (shard_map with check_vma): Triton there
+        if not mosaic_gpu.fits(x.shape[1], w.shape[2], x.dtype) or union_axes(x, w):
             name = "triton"
+    if name == "mosaic_gpu" and union_axes(x, w):
+        raise ValueError("grouped_matmul[mosaic_gpu] cannot run inside jax.shard_map with check_vma: its kernels "
+                         "do not declare their outputs' manual axes; use backend='triton' or 'auto'")
     if backend == "auto" and name == "triton" and not _triton_fits(x, w):
         name = "xla"  # widths that are not multiples of 16 (test-sized models) take ragged_dot
     if name == "reference":

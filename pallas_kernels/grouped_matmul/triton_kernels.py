@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.manual_axes import out_struct
+
 F32 = jnp.float32
 
 
@@ -88,7 +90,7 @@ def gmm(x, w, tile_group, *, num_groups, tm, tn, bk, transpose_w=False, interpre
                                mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
+        out_shape=out_struct((rows, n), x.dtype, x),
         grid=(n // tn, rows // tm),
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
@@ -106,7 +108,7 @@ def tgmm(x, dy, group_tiles, *, num_groups, tm, bk, bn, out_dtype, interpret=Fal
     kernel = functools.partial(_tgmm_kernel, tm=tm, bk=bk, bn=bn, mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, x),
         grid=(n // bn, k // bk, num_groups),
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,

@@ -57,11 +57,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.manual_axes import like_primal, out_struct, to_varying, union_axes
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "forward", "backward", "interpret_params"]
 
@@ -270,7 +271,7 @@ class _Layout:
 
     def seq_shape(self, dtype, like):
         shape = (self.b, self.n, self.h * self.d) if self.flat else (self.b, self.h, self.n, self.d)
-        return _out_struct(shape, dtype, like)
+        return out_struct(shape, dtype, like)
 
     # Segment index rows.
     def seg_spec(self):
@@ -282,45 +283,11 @@ class _Layout:
         return pl.BlockSpec((None, None, self.d, self.d), lambda b, h, c, *_: (b, h, 0, 0))
 
     def state_shape(self, like):
-        return _out_struct((self.b, self.h, self.d, self.d), _F32, like)
+        return out_struct((self.b, self.h, self.d, self.d), _F32, like)
 
     @property
     def grid(self):
         return (self.b, self.h, self.nc)
-
-
-def _out_struct(shape, dtype, like):
-    """Output ShapeDtypeStruct that varies over the same manual mesh axes as ``like`` (shard_map, check_vma)."""
-    mat = getattr(jax.typeof(like), "manual_axis_type", None)
-    if mat is None:
-        return jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-
-
-# Inside ``jax.shard_map`` (check_vma) the operands may vary over different manual axes (e.g. a replicated
-# ``initial_state`` next to batch-sharded activations). The kernels run on operands cast to the union of the
-# axes; the gradient of an operand that varies over fewer axes is summed over the others (the transpose of that
-# cast), so every cotangent has its primal's type, as ``custom_vjp`` requires.
-
-
-def _varying(x) -> frozenset:
-    mat = getattr(jax.typeof(x), "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset()
-
-
-def _union_axes(*xs) -> tuple:
-    axes = frozenset().union(*(_varying(x) for x in xs))
-    return tuple(sorted(axes, key=str))
-
-
-def _to_varying(x, axes):
-    missing = tuple(a for a in axes if a not in _varying(x))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _like_primal(grad, primal):
-    extra = tuple(a for a in _union_axes(grad) if a not in _varying(primal))
-    return lax.psum(grad, extra) if extra else grad
 
 
 def _compiler_params():
@@ -350,9 +317,9 @@ def forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret
     """Returns ``(o [B, N, H, D] in q.dtype, final_state [B, H, D, D] fp32)``."""
     _check(q, block_size)
     b, n, h, d = q.shape
-    axes = _union_axes(q, k, v, decay, segment_ids, initial_state)
+    axes = union_axes(q, k, v, decay, segment_ids, initial_state)
     q, k, v, decay, segment_ids, initial_state = (
-        _to_varying(x, axes) for x in (q, k, v, decay, segment_ids, initial_state)
+        to_varying(x, axes) for x in (q, k, v, decay, segment_ids, initial_state)
     )
     lay = _Layout(b, n, h, d, block_size, reverse=False)
     seg = _segment_blocks(segment_ids, block_size)
@@ -386,9 +353,9 @@ def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, bl
     _check(q, block_size)
     b, n, h, d = q.shape
     primals = (q, k, v, initial_state)
-    axes = _union_axes(q, k, v, decay, segment_ids, initial_state, do, dfinal_state)
+    axes = union_axes(q, k, v, decay, segment_ids, initial_state, do, dfinal_state)
     q, k, v, decay, segment_ids, initial_state, do, dfinal_state = (
-        _to_varying(x, axes) for x in (q, k, v, decay, segment_ids, initial_state, do, dfinal_state)
+        to_varying(x, axes) for x in (q, k, v, decay, segment_ids, initial_state, do, dfinal_state)
     )
     mm_dtype = _mm_dtype(q.dtype)
     decay = decay.astype(_F32)
@@ -437,4 +404,4 @@ def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, bl
         dfinal_state.astype(_F32),
     )
     grads = (fwd.from_kernel(dq), rev.from_kernel(dk), rev.from_kernel(dv), dinitial_state)
-    return tuple(_like_primal(g, x) for g, x in zip(grads, primals, strict=True))
+    return tuple(like_primal(g, x) for g, x in zip(grads, primals, strict=True))
