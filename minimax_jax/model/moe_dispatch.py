@@ -8,7 +8,8 @@ every row tile belongs to one expert. ``tile_layout`` builds that placement once
 
 ``to_rows`` gathers inputs into it and ``from_rows`` gathers results back. Each is the other's transpose, so both
 gradients are gathers too (autodiff of a gather would give a scatter-add with atomics); padding rows read zeros
-and receive nothing. Nothing is ever dropped: the layout has room for every slot at any expert load.
+and receive nothing. Nothing is ever dropped: the layout has room for every slot at any expert load. Inside
+``jax.shard_map`` a gradient is summed over the manual axes its primal does not vary over (``manual_axes``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.manual_axes import like_primal
 
 
 class TileLayout(NamedTuple):
@@ -76,14 +79,14 @@ def to_rows(x: jax.Array, layout: TileLayout, slots_per_item: int) -> jax.Array:
 
 
 def _to_rows_fwd(x, layout, slots_per_item):
-    return to_rows(x, layout, slots_per_item), (layout, x.shape[0])
+    return to_rows(x, layout, slots_per_item), (layout, x[:, :0])
 
 
 def _to_rows_bwd(slots_per_item, res, d_rows):
-    layout, num_items = res
+    layout, x_type = res
     d_slots = _take(d_rows, layout.row_of_slot)  # [S, D]
-    d_x = d_slots.reshape(num_items, slots_per_item, -1).sum(axis=1, dtype=jnp.float32).astype(d_rows.dtype)
-    return d_x, None
+    d_x = d_slots.reshape(x_type.shape[0], slots_per_item, -1).sum(axis=1, dtype=jnp.float32).astype(d_rows.dtype)
+    return like_primal(d_x, x_type), None
 
 
 to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
@@ -96,11 +99,12 @@ def from_rows(rows: jax.Array, layout: TileLayout) -> jax.Array:
 
 
 def _from_rows_fwd(rows, layout):
-    return from_rows(rows, layout), layout
+    return from_rows(rows, layout), (layout, rows[:, :0])
 
 
-def _from_rows_bwd(layout, d_slots):
-    return _take(d_slots, layout.slot_of_row), None
+def _from_rows_bwd(res, d_slots):
+    layout, rows_type = res
+    return like_primal(_take(d_slots, layout.slot_of_row), rows_type), None
 
 
 from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
