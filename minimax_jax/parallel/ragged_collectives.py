@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.manual_axes import to_varying, union_axes
+
 
 def ragged_all_to_all_reference(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
                                 send_sizes: jax.Array, output_offsets: jax.Array, recv_sizes: jax.Array, *,
@@ -37,9 +39,19 @@ def ragged_all_to_all_reference(operand: jax.Array, output: jax.Array, input_off
 
 def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array, send_sizes: jax.Array,
                       output_offsets: jax.Array, recv_sizes: jax.Array, *, axis_name: str) -> jax.Array:
-    """``jax.lax.ragged_all_to_all`` on GPU/TPU; the all-gather reference on CPU."""
-    fn = ragged_all_to_all_reference if jax.default_backend() == "cpu" else jax.lax.ragged_all_to_all
-    return fn(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name)
+    """``jax.lax.ragged_all_to_all`` on GPU/TPU; the all-gather reference on CPU.
+
+    The result varies over ``axis_name`` (each device receives different rows). jax's collective types it like
+    its ``output`` buffer, often a fresh ``zeros`` that varies over nothing, which would make autodiff sum the
+    gradients of different devices' rows; both buffers are therefore cast to vary over ``axis_name`` first, as
+    the reference's result does.
+    """
+    if jax.default_backend() == "cpu":
+        return ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                           axis_name=axis_name)
+    axes = union_axes(operand, output) + tuple(a for a in (axis_name,) if a not in union_axes(operand, output))
+    return jax.lax.ragged_all_to_all(to_varying(operand, axes), to_varying(output, axes), input_offsets,
+                                     send_sizes, output_offsets, recv_sizes, axis_name=axis_name)
 
 
 __all__ = ["ragged_all_to_all", "ragged_all_to_all_reference"]
