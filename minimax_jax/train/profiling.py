@@ -108,7 +108,7 @@ def device_busy(trace: dict) -> tuple[float, float]:
         else:
             current_end = max(current_end, end)
     busy += current_end - current_start
-    return busy, intervals[-1][1] - intervals[0][0] if len(intervals) > 1 else current_end - current_start
+    return busy, max(end for _, end in intervals) - intervals[0][0]
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")

@@ -11,7 +11,7 @@ from flax import nnx
 from minimax_jax.model.transformer import MiniMaxForCausalLM
 from minimax_jax.train.config import OptimizerConfig
 from minimax_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from minimax_jax.train.profiling import device_op_times, hlo_op_names, scope_of, time_by_scope
+from minimax_jax.train.profiling import device_busy, device_op_times, hlo_op_names, scope_of, time_by_scope
 from minimax_jax.train.step import init_train_state, make_train_step
 from tests.train.helpers import micro_model
 
@@ -71,3 +71,12 @@ def test_traced_train_step_time_lands_in_model_scopes(tmp_path):
         assert any(label.startswith(scope) for label in labels), (scope, sorted(totals))
     assert any(label.endswith("bwd") for label in totals), sorted(totals)
     assert "(not in the HLO)" not in totals, sorted(totals)
+
+
+def test_device_busy_is_the_union_of_op_intervals():
+    def op(ts, dur):
+        return {"ph": "X", "pid": 1, "ts": ts, "dur": dur, "name": "k"}
+
+    trace = {"traceEvents": [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+                             op(0, 10), op(5, 20), op(40, 5), op(41, 1)]}
+    assert device_busy(trace) == (30.0, 45.0)  # [0, 25] and [40, 45] busy, 45 us from first start to last end
