@@ -49,7 +49,7 @@ def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.
     if jax.default_backend() == "cpu":
         return ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                            axis_name=axis_name)
-    axes = union_axes(operand, output) + tuple(a for a in (axis_name,) if a not in union_axes(operand, output))
+    axes = tuple(sorted(set(union_axes(operand, output)) | {axis_name}, key=str))
     return jax.lax.ragged_all_to_all(to_varying(operand, axes), to_varying(output, axes), input_offsets,
                                      send_sizes, output_offsets, recv_sizes, axis_name=axis_name)
 

@@ -39,12 +39,17 @@ def _logits_bwd(res, d_logits):
 logits_from_hidden.defvjp(_logits_fwd, _logits_bwd)
 
 
+def _masked_token_loss_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+    """``(sum(mask * (logsumexp(logits) - logits[target])), logsumexp(logits))`` for fp32 logits."""
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum((log_normalizer - target_logits) * loss_mask.astype(jnp.float32)), log_normalizer
+
+
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """``sum(mask * (logsumexp(logits) - logits[target]))``, fp32 scalar."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    token_losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
-    return jnp.sum(token_losses * loss_mask.astype(jnp.float32))
+    return _masked_token_loss_sum(logits.astype(jnp.float32), targets, loss_mask)[0]
 
 
 def _split_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
@@ -96,13 +101,11 @@ def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
     def body(d_lm_head, xs):
         h, t, m = xs
         logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32)
-        log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-        target_logits = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        mask = m.astype(jnp.float32)
-        loss = jnp.sum((log_normalizer - target_logits) * mask)
+        loss, log_normalizer = _masked_token_loss_sum(logits, t, m)
         # d loss / d logits = mask * (softmax - onehot(target)), rounded once to the compute dtype
         is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None].astype(jnp.int32)
-        d_logits = ((jnp.exp(logits - log_normalizer[..., None]) - is_target) * mask[..., None]).astype(h.dtype)
+        mask = m.astype(jnp.float32)[..., None]
+        d_logits = ((jnp.exp(logits - log_normalizer[..., None]) - is_target) * mask).astype(h.dtype)
         d_h = jnp.einsum("bcv,dv->bcd", d_logits, weights, preferred_element_type=jnp.float32).astype(h.dtype)
         d_lm_head = d_lm_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
         return d_lm_head, (loss, d_h)

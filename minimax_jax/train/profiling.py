@@ -70,14 +70,19 @@ class StepProfiler:
             self.active = False
 
 
+def _device_pids(trace: dict) -> set:
+    """Process ids of the trace's GPU/TPU devices."""
+    return {event["pid"] for event in trace["traceEvents"]
+            if event.get("ph") == "M" and event.get("name") == "process_name"
+            and any(tag in event["args"]["name"] for tag in ("/device:GPU", "/device:TPU"))}
+
+
 def device_op_times(trace: dict) -> dict[str, list[float]]:
     """Durations (us) of the ops a trace ran, by HLO instruction name (``args.hlo_op``) where the event has one.
 
     The events of GPU/TPU device processes; in a CPU-only trace, the XLA:CPU events that name an HLO op.
     """
-    device_pids = {event["pid"] for event in trace["traceEvents"]
-                   if event.get("ph") == "M" and event.get("name") == "process_name"
-                   and any(tag in event["args"]["name"] for tag in ("/device:GPU", "/device:TPU"))}
+    device_pids = _device_pids(trace)
     times: dict[str, list[float]] = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         if event.get("ph") != "X":
@@ -93,9 +98,7 @@ def device_op_times(trace: dict) -> dict[str, list[float]]:
 def device_busy(trace: dict) -> tuple[float, float]:
     """``(busy_us, span_us)`` of the GPU/TPU processes: the union of their op intervals and first start to last
     end. ``busy / span`` below 1 means the device idled (waiting on the host: launches, syncs, input)."""
-    device_pids = {event["pid"] for event in trace["traceEvents"]
-                   if event.get("ph") == "M" and event.get("name") == "process_name"
-                   and any(tag in event["args"]["name"] for tag in ("/device:GPU", "/device:TPU"))}
+    device_pids = _device_pids(trace)
     intervals = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in trace["traceEvents"]
                        if e.get("ph") == "X" and e.get("pid") in device_pids and "ts" in e)
     if not intervals:
