@@ -12,9 +12,8 @@ tokens (reported); the dropless MoE never does.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,8 @@ from absl import app, flags
 from minimax_jax.config import small
 from minimax_jax.model.moe import dropless_experts, route
 from minimax_jax.model.moe_dispatch import tile_layout, to_rows
+from minimax_jax.timing import median_ms
+from minimax_jax.train import profiling
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.grouped_matmul import ops as gmm_ops
 
@@ -42,24 +43,16 @@ flags.DEFINE_float("router_skew", 1.0, "scale of the router weights (larger: mor
 flags.DEFINE_integer("trials", 7, "timing trials (median)")
 flags.DEFINE_float("min_trial_s", 0.05, "each timing trial lasts at least this long")
 flags.DEFINE_string("out_md", "", "also write the markdown table here")
-flags.DEFINE_bool("tune", False, "first sweep the Triton grouped-matmul launch shapes (TUNING) and keep the best")
+flags.DEFINE_bool("tune", False, "first sweep the default grouped-matmul backend's launch shapes (Mosaic-GPU per "
+                  "problem on Hopper, Triton elsewhere) and keep the best")
 flags.DEFINE_bool("check", True, "compare the GPU path's values and gradients with the ragged_dot backend")
+flags.DEFINE_string("profile_dir", "", "also trace 5 forward+backward calls of the default dropless MoE here, with "
+                    "its compiled HLO (read it with scripts/trace_summary.py)")
 
 
 def time_ms(fn: Callable, *args) -> float:
-    """Median milliseconds per call of a compiled ``fn`` (compiled and warmed up first)."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    reps = max(1, int(FLAGS.min_trial_s / max(time.perf_counter() - start, 1e-6)))
-    trials = []
-    for _ in range(FLAGS.trials):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        trials.append((time.perf_counter() - start) / reps * 1e3)
-    return statistics.median(trials)
+    """Median milliseconds per call of ``fn`` (compiled and warmed up first)."""
+    return median_ms(fn, *args, trials=FLAGS.trials, min_trial_s=FLAGS.min_trial_s)
 
 
 def dropless_moe(x, router, w1, w3, w2, backend="auto"):
@@ -113,6 +106,49 @@ def tune(x, router, w1) -> list[str]:
     return lines
 
 
+def tune_mosaic(x, router, w1, w3, w2) -> list[str]:
+    """Sweeps the Mosaic-GPU kernels' launch shapes for each grouped matmul of the MoE (forward and input
+    gradients per (depth, width, transpose), weight gradients per (depth, width)) on this run's layout; records the
+    fastest of each in ``mosaic_gpu.TUNING`` and returns report lines (with the dict to paste)."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    tile = gmm_ops.tile_rows()
+    layout, rows = layout_rows(x, router, w1.shape[0], tile)
+    sizes = jnp.bincount(layout.tile_group, length=w1.shape[0]).astype(jnp.int32) * tile
+    hidden, inter = w1.shape[1], w1.shape[2]
+    weights = {(hidden, 2 * inter): jnp.concatenate([w1, w3], -1), (inter, hidden): w2}
+    lines = []
+
+    def sweep(kernel, shape, grid, fn, *args):
+        results = []
+        for values in grid:
+            mosaic_gpu.TUNING[f"{kernel}_by_shape"][shape] = values
+            try:
+                results.append((median_ms(jax.jit(fn), *args, trials=3), values))
+            except Exception as error:  # noqa: BLE001 - launch shapes that do not fit (shared memory) are skipped
+                lines.append(f"- {kernel} {shape} {values}: failed ({type(error).__name__})")
+        ms, values = min(results, key=lambda r: r[0])
+        mosaic_gpu.TUNING[f"{kernel}_by_shape"][shape] = values
+        lines.append(f"- {kernel} {shape}: best {values} at {ms * 1e3:.0f} us (of {len(results)})")
+
+    for (k, n), w in weights.items():
+        for transpose in (False, True):
+            depth, width = (n, k) if transpose else (k, n)
+            grid = [dict(block_m=128, block_n=bn, block_k=bk, max_concurrent_steps=st, grid_block_n=gb)
+                    for bn in (128, 256) for bk in (64, 128) for st in (4, 6) for gb in (1, 4, 8)
+                    if width % (bn * gb) == 0 and depth % bk == 0]
+            lhs = jnp.ones((rows.shape[0], depth), x.dtype)
+            sweep("gmm", (depth, width, transpose), grid,
+                  lambda a, b, t=transpose: mosaic_gpu.gmm(a, b, sizes, transpose_w=t), lhs, w)
+        grid = [dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=4, grid_block_n=gb)
+                for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for gb in (1, 2) if n % (bn * gb) == 0]
+        lhs, dy = jnp.ones((rows.shape[0], k), x.dtype), jnp.ones((rows.shape[0], n), x.dtype)
+        sweep("tgmm", (k, n), grid, lambda a, b: mosaic_gpu.tgmm(a, b, sizes), lhs, dy)
+    lines.append(f"- mosaic_gpu.TUNING by shape: gmm {mosaic_gpu.TUNING['gmm_by_shape']}, "
+                 f"tgmm {mosaic_gpu.TUNING['tgmm_by_shape']}")
+    return lines
+
+
 def matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak) -> str:
     """The default path's expert matmuls alone (forward+backward on a prebuilt layout): what routing, layout,
     gathers and the SwiGLU elementwise add on top of them is the difference to the full MoE row."""
@@ -120,13 +156,15 @@ def matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak) -> str
     layout, rows = layout_rows(x, router, w1.shape[0], tile)
     inter = w1.shape[-1]
 
-    def matmuls(rows_, ct, w1_, w3_, w2_):
+    def matmuls(rows_, w1_, w3_, w2_):
         gate_up = grouped_matmul(rows_, jnp.concatenate([w1_, w3_], -1), layout.tile_group, tile=tile)
-        out = grouped_matmul(gate_up[:, :inter], w2_, layout.tile_group, tile=tile)
-        return jnp.sum(out.astype(jnp.float32) * ct)
+        return grouped_matmul(gate_up[:, :inter], w2_, layout.tile_group, tile=tile)
 
-    ct = jnp.ones((rows.shape[0], x.shape[1]), jnp.float32)
-    ms = time_ms(jax.jit(jax.grad(matmuls, argnums=(0, 2, 3, 4))), rows, ct, w1, w3, w2)
+    def grads(rows_, ct, w1_, w3_, w2_):
+        return jax.vjp(matmuls, rows_, w1_, w3_, w2_)[1](ct)
+
+    ct = jnp.ones((rows.shape[0], x.shape[1]), x.dtype)
+    ms = time_ms(jax.jit(grads), rows, ct, w1, w3, w2)
     tflops = model_flops / ms / 1e9
     return f"| expert matmuls only (3 grouped matmuls fwd+bwd, prebuilt layout) | {ms:.3f} | {tflops:.1f} | " \
            f"{tflops / peak:.1%} |"
@@ -176,16 +214,33 @@ def one_hot_dispatch(x, router, w1, w3, w2):
 
 
 def forward_backward(fn: Callable, num_weights: int) -> Callable:
-    """jit of the gradient of ``sum(fn(x, *w) * cotangent)`` with respect to x and every weight."""
-    def loss(x, cotangent, *weights):
-        y = fn(x, *weights)
-        y = y[0] if isinstance(y, tuple) else y
-        return jnp.sum(y.astype(jnp.float32) * cotangent)
-    return jax.jit(jax.grad(loss, argnums=(0,) + tuple(range(2, 2 + num_weights))))
+    """jit of the gradients of ``fn(x, *w)`` with respect to x and every weight for the upstream gradient
+    ``cotangent`` (in the compute dtype, as a bf16 model's backward pass hands it to the layer)."""
+    def grads(x, cotangent, *weights):
+        def layer(x_, *w):
+            y = fn(x_, *w)
+            return y[0] if isinstance(y, tuple) else y
+        _, vjp = jax.vjp(layer, x, *weights)
+        return vjp(cotangent)
+    return jax.jit(grads)
+
+
+def profile(fn: Callable, args: tuple, directory: str) -> None:
+    """Traces 5 calls of the compiled ``fn`` into ``directory`` and saves its HLO there (``profiling.HLO_FILE``)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / profiling.HLO_FILE).write_text(fn.lower(*args).compile().as_text())
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(str(path)):
+        for _ in range(5):
+            out = fn(*args)
+        jax.block_until_ready(out)
 
 
 def main(argv) -> None:
     del argv
+    if FLAGS.profile_dir:
+        profiling.per_op_gpu_events()
     dtype = jnp.dtype(FLAGS.dtype)
     tokens, hidden, inter, experts, k = FLAGS.tokens, FLAGS.hidden, FLAGS.inter, FLAGS.experts, FLAGS.top_k
     if tokens % FLAGS.group_size:
@@ -193,7 +248,7 @@ def main(argv) -> None:
     keys = jax.random.split(jax.random.key(0), 8)
     normal = lambda key, shape, std: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)  # noqa: E731
     x = normal(keys[0], (tokens, hidden), 1.0)
-    cotangent = jax.random.normal(keys[1], (tokens, hidden), jnp.float32)
+    cotangent = jax.random.normal(keys[1], (tokens, hidden), jnp.float32).astype(dtype)
     router = normal(keys[2], (hidden, experts), FLAGS.router_skew / np.sqrt(hidden))
     w1, w3 = (normal(keys[i], (experts, hidden, inter), hidden ** -0.5) for i in (3, 4))
     w2 = normal(keys[5], (experts, inter, hidden), inter ** -0.5)
@@ -205,7 +260,10 @@ def main(argv) -> None:
     matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
     peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
 
-    tune_lines = tune(x, router, w1) if FLAGS.tune else []
+    tune_lines = []
+    if FLAGS.tune:  # the default backend's kernels
+        mosaic = gmm_ops.resolve_backend("auto") == "mosaic_gpu"
+        tune_lines = tune_mosaic(x, router, w1, w3, w2) if mosaic else tune(x, router, w1)
     check_line = check(x, router, w1, w3, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
     counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)
@@ -239,6 +297,8 @@ def main(argv) -> None:
         *([f"Tuning (kept): gmm {gmm_ops.TUNING['gmm']}, tgmm {gmm_ops.TUNING['tgmm']}", *tune_lines]
           if tune_lines else []),
     ]
+    if FLAGS.profile_dir:
+        profile(forward_backward(dropless_moe, 4), (x, cotangent, router, w1, w3, w2), FLAGS.profile_dir)
     table = "\n".join(lines)
     print(table)
     if FLAGS.out_md:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +13,6 @@ from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import apply_partial_rope
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.lightning.ops import segment_index  # one segment convention for both mixers
-
-with warnings.catch_warnings():  # the module warns that it moves to tokamax; it is still the one jax ships
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -36,84 +31,75 @@ def causal_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_id
         reads kv head ``h // (heads / kv_heads)``).
       segment_ids: optional int ``[batch, seq]``; a token attends only to earlier tokens of its own segment (a
         contiguous run of equal ids).
-      implementation: ``xla`` | ``cudnn`` | ``pallas`` | None (see ``default_implementation``). ``pallas`` is the
-        Pallas-Triton flash kernel (``flash_gqa_attention``; interpret mode off GPU); a sequence length that does
-        not fit its blocks (``pallas_fits``) runs the XLA path instead.
+      implementation: ``xla`` | ``cudnn`` | ``tokamax`` | None (see ``default_implementation``). ``tokamax`` is
+        tokamax's flash attention (``tokamax_gqa_attention``: Mosaic-GPU or Triton kernels on GPU, its XLA
+        reference elsewhere).
     """
     if implementation is None:
         implementation = default_implementation(q.dtype, has_segments=segment_ids is not None)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}, expected one of {IMPLEMENTATIONS}")
-    if implementation == "pallas":
-        if pallas_fits(q.shape[1], q.shape[-1]):
-            return flash_gqa_attention(q, k, v, segment_ids=segment_ids)
-        implementation = "xla"
+    if implementation == "tokamax":
+        return tokamax_gqa_attention(q, k, v, segment_ids=segment_ids)
     mask = None if segment_ids is None else segment_mask(segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=True,
                                         implementation=implementation)
 
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("xla", "cudnn", "tokamax")
 
 
 def default_implementation(dtype, *, has_segments: bool) -> str:
-    """On GPU for 16-bit inputs: cuDNN's fused causal attention without segments, the Pallas flash kernel with
-    segments (cuDNN would turn the segment mask into a dense bias). XLA otherwise (fp32, CPU, TPU).
+    """On GPU for 16-bit inputs: cuDNN's fused causal attention without segments, tokamax's flash kernels with
+    segments (cuDNN would turn the segment mask into a dense bias; on an H100 at 4 x 8K tokamax's Mosaic-GPU
+    forward+backward was 1.7x jax's Pallas-Triton flash attention, docs/benchmarks.md). XLA otherwise (fp32,
+    CPU, TPU).
     ``jax.nn.dot_product_attention``'s own default is always XLA, which materializes fp32 score matrices."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return "xla"
-    return "pallas" if has_segments else "cudnn"
+    return "tokamax" if has_segments else "cudnn"
 
 
-# Tiles of the Pallas-Triton kernel (forward: q 128 x kv 64; backward: 64 x 64). Backward q and kv blocks must be
-# equal (the fused dq/dkv grid needs as many q blocks as kv blocks). Tunable; the math does not depend on them.
-PALLAS_BLOCK_SIZES = pallas_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
-                                                 block_q_dq=64, block_kv_dq=64)
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """int32 ``[batch, seq]``: the position where each token's segment (contiguous run of equal ids) begins."""
+    seq_len = segment_ids.shape[1]
+    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(begins, jnp.arange(seq_len, dtype=jnp.int32), 0), axis=1)
 
 
-def _effective_blocks(seq_len: int, block_sizes: pallas_attention.BlockSizes) -> tuple[int, ...]:
-    """The tiles the kernel really uses: each block size clipped to the sequence length, as ``mha`` does."""
-    sizes = (block_sizes.block_q, block_sizes.block_k, block_sizes.block_q_dkv, block_sizes.block_kv_dkv,
-             block_sizes.block_q_dq, block_sizes.block_kv_dq)
-    return tuple(min(size, seq_len) for size in sizes)
+TOKAMAX_KERNELS = ("mosaic_gpu", "triton", "xla")
 
 
-def pallas_fits(seq_len: int, head_dim: int, block_sizes: pallas_attention.BlockSizes = PALLAS_BLOCK_SIZES) -> bool:
-    """Whether the flash kernel can run this shape on GPU: every tile divides ``seq_len`` (the kernel has no
-    tail handling) and is a power of two >= 16 (Triton block shapes), and ``head_dim >= 16`` (Triton dots).
-    With the default blocks: any multiple of 128, and 16, 32, 64. Other lengths take the XLA path."""
-    tiles = _effective_blocks(seq_len, block_sizes)
-    return head_dim >= 16 and all(t >= 16 and t & (t - 1) == 0 and seq_len % t == 0 for t in tiles)
+def tokamax_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+                          kernels: tuple[str, ...] | None = None) -> jax.Array:
+    """``causal_gqa_attention`` through tokamax's flash attention (fused forward and backward kernels).
 
-
-def flash_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-                        interpret: bool | None = None,
-                        block_sizes: pallas_attention.BlockSizes = PALLAS_BLOCK_SIZES) -> jax.Array:
-    """``causal_gqa_attention`` through jax's Pallas-Triton flash attention (``pallas.ops.gpu.attention.mha``).
-
-    Scores never leave the chip: fp32 ``q k^T`` per tile, an fp32 online softmax (unnormalized probabilities are
-    cast to v's dtype for the ``p v`` matmul, as the XLA path casts the normalized ones), fp32 accumulators, and a
-    Triton backward that recomputes the probabilities from the saved log-sum-exp. Every query sees at least itself
-    (causal diagonal, own segment), so no row is empty. The kernel needs as many kv heads as q heads: k and v are
-    repeated over the head axis (the repeat's transpose sums the gradients of a group). Segment ids are passed as
-    ``segment_index`` (so ``0 0 1 1 0`` is three segments, like the XLA path). Requires ``pallas_fits``. Meant
-    for bf16/fp16: fp32 inputs on GPU go through Triton's default fp32 dot (TF32), unlike the fp32 XLA path.
+    Segments become a per-query ``k_start`` (a query sees the keys from its segment's first position up to
+    itself): the same mask as ``segment_mask`` & causal, since segments are contiguous runs. The kernels skip key
+    blocks outside that range and read k, v per kv head (no repeat).
 
     Args:
-      interpret: Pallas interpret mode; None = on unless the default backend is a GPU (set False to lower for
-        CUDA from a CPU host, e.g. ``jax.export``).
+      kernels: tokamax implementations to try in order (``TOKAMAX_KERNELS``; one that does not take the inputs or
+        the device is skipped). None: ``mosaic_gpu`` (sm80+), then ``triton`` on GPU; ``xla`` (tokamax's
+        reference path) elsewhere.
     """
-    seq_len, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    if not pallas_fits(seq_len, head_dim, block_sizes):
-        raise ValueError(f"seq_len {seq_len} / head_dim {head_dim} do not fit the flash kernel's blocks "
-                         f"{_effective_blocks(seq_len, block_sizes)}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    group = heads // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    index = None if segment_ids is None else segment_index(segment_ids)
-    return pallas_attention.mha(q, k, v, index, sm_scale=1.0 / math.sqrt(head_dim), causal=True,
-                                block_sizes=block_sizes, interpret=interpret)
+    from tokamax._src.ops.attention import api as tokamax_api  # per-query k_start is not in tokamax's public API
+    from tokamax._src.ops.attention import base as tokamax_base
+
+    if kernels is None:
+        kernels = ("mosaic_gpu", "triton") if jax.default_backend() == "gpu" else ("xla",)
+    unknown = [name for name in kernels if name not in TOKAMAX_KERNELS]
+    if unknown or not kernels:
+        raise ValueError(f"tokamax attention kernels must be among {TOKAMAX_KERNELS}, got {kernels}")
+    k_start = None if segment_ids is None else segment_starts(segment_ids)[:, None, :]
+    mask = tokamax_base.Mask(k_start=k_start, is_causal=True)
+    errors = []
+    for name in kernels:
+        try:
+            return tokamax_api.IMPLEMENTATIONS[name](q, k, v, mask=mask, logits_scale=1.0 / math.sqrt(q.shape[-1]))
+        except NotImplementedError as error:
+            errors.append(f"{name}: {error}")
+    raise NotImplementedError(f"no tokamax attention kernel takes these inputs: {'; '.join(errors)}")
 
 
 def cached_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_start: jax.Array) -> jax.Array:

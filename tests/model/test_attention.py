@@ -1,4 +1,4 @@
-"""GQA causal softmax attention against numpy with explicit kv-head repetition; the Pallas flash path against XLA."""
+"""GQA causal softmax attention against numpy with explicit kv-head repetition; tokamax's flash path against XLA."""
 
 import functools
 
@@ -6,12 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import triton as pltriton
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
-from jax.sharding import PartitionSpec as P
 
 from minimax_jax.model import attention
-from minimax_jax.model.attention import causal_gqa_attention, flash_gqa_attention, pallas_fits, segment_index
+from minimax_jax.model.attention import causal_gqa_attention, segment_index, tokamax_gqa_attention
 from tests.model import numpy_reference as ref
 
 
@@ -50,11 +47,11 @@ def test_segment_index_counts_runs():
     np.testing.assert_array_equal(np.asarray(segment_index(ids)), [[0, 0, 1, 1, 2], [0, 0, 0, 0, 0]])
 
 
-# --- Pallas-Triton flash path (interpret mode on CPU) -------------------------------------------------------------
+# --- tokamax flash path (its XLA reference kernel on CPU; the GPU kernels in the GPU-only test) --------------------
 
 
 def _packed_segments(seq):
-    """Row 0: runs crossing the 64-token tiles, a one-token run, ids that come back (0 .. 1 .. 0 .. 0 after 2);
+    """Row 0: runs crossing 64-token blocks, a one-token run, ids that come back (0 .. 1 .. 0 .. 0 after 2);
     row 1: one segment."""
     row = np.zeros(seq, np.int32)
     row[seq // 4: seq // 2 + 5] = 1
@@ -63,11 +60,14 @@ def _packed_segments(seq):
     return np.stack([row, np.full(seq, 7, np.int32)])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_and_grads(implementation, q, k, v, segment_ids):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_and_grads(implementation, kernels, q, k, v, segment_ids):
     """Output and d(sum(o * w))/d(q, k, v) with a fixed non-uniform weight w (fp32 loss)."""
     def loss(q_, k_, v_):
-        o = causal_gqa_attention(q_, k_, v_, segment_ids=segment_ids, implementation=implementation)
+        if kernels:
+            o = tokamax_gqa_attention(q_, k_, v_, segment_ids=segment_ids, kernels=kernels)
+        else:
+            o = causal_gqa_attention(q_, k_, v_, segment_ids=segment_ids, implementation=implementation)
         w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
         return jnp.sum(o.astype(jnp.float32) * w), o
 
@@ -81,100 +81,56 @@ def _assert_close(actual, expected, rel, name=""):
     np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max(), err_msg=name)
 
 
-@pytest.mark.parametrize("dtype, seq, kv_heads, head_dim, packed", [
-    (jnp.float32, 128, 2, 64, True),
-    (jnp.float32, 64, 1, 32, False),
-    (jnp.bfloat16, 64, 2, 32, True),
-])
-def test_pallas_matches_xla_outputs_and_grads(dtype, seq, kv_heads, head_dim, packed):
+def _check_tokamax_against_xla(kernels, dtype, seq, kv_heads, head_dim, packed):
     q, k, v = (jnp.asarray(x, dtype) for x in _qkv(2, seq=seq, kv_heads=kv_heads, d=head_dim))
     segments = jnp.asarray(_packed_segments(seq)) if packed else None
-    o_xla, g_xla = _loss_and_grads("xla", q, k, v, segments)
-    o_pal, g_pal = _loss_and_grads("pallas", q, k, v, segments)
-    assert o_pal.dtype == dtype and all(g.dtype == dtype for g in g_pal)
+    o_xla, g_xla = _loss_and_grads("xla", None, q, k, v, segments)
+    o_tk, g_tk = _loss_and_grads("tokamax", kernels, q, k, v, segments)
+    assert o_tk.dtype == dtype and all(g.dtype == dtype for g in g_tk)
     rel = 1e-5 if dtype == jnp.float32 else 1e-2
-    for name, actual, expected in zip(("o", "dq", "dk", "dv"), (o_pal, *g_pal), (o_xla, *g_xla), strict=True):
+    for name, actual, expected in zip(("o", "dq", "dk", "dv"), (o_tk, *g_tk), (o_xla, *g_xla), strict=True):
         _assert_close(actual, expected, rel, name)
     if packed:  # the one-token segment's output is its own value vector (kv head h // group)
         t = seq // 2 + 5
         expected = np.repeat(np.asarray(v[0, t], np.float32), 4 // kv_heads, axis=0)
-        _assert_close(np.asarray(o_pal[0, t], np.float32), expected, rel)
+        _assert_close(np.asarray(o_tk[0, t], np.float32), expected, rel)
 
 
-def test_pallas_falls_back_to_xla_when_seq_does_not_fit_the_blocks():
-    seq = 80  # the 128-long forward tile would be clipped to 80, not a power of two
-    assert not pallas_fits(seq, 32)
-    q, k, v = (jnp.asarray(x) for x in _qkv(3, seq=seq, d=32))
-    segments = jnp.asarray(_packed_segments(seq))
-    np.testing.assert_array_equal(causal_gqa_attention(q, k, v, segment_ids=segments, implementation="pallas"),
-                                  causal_gqa_attention(q, k, v, segment_ids=segments, implementation="xla"))
-    with pytest.raises(ValueError, match="do not fit"):
-        flash_gqa_attention(q, k, v, segment_ids=segments)
+@pytest.mark.parametrize("dtype, seq, kv_heads, head_dim, packed", [
+    (jnp.float32, 128, 2, 64, True),
+    (jnp.float32, 80, 1, 32, False),
+    (jnp.bfloat16, 64, 2, 32, True),
+])
+def test_tokamax_matches_xla_outputs_and_grads(dtype, seq, kv_heads, head_dim, packed):
+    kernels = ("xla",) if jax.default_backend() != "gpu" else None
+    _check_tokamax_against_xla(kernels, dtype, seq, kv_heads, head_dim, packed)
 
 
-def test_pallas_fits_multiples_of_128():
-    assert all(pallas_fits(seq, 128) for seq in (16, 32, 64, 128, 256, 1024, 8192, 128 * 5))
-    assert not any(pallas_fits(seq, 128) for seq in (8, 48, 96, 200, 1000, 8191))
-    assert not pallas_fits(128, 8)
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="tokamax's Mosaic-GPU and Triton kernels need a GPU")
+@pytest.mark.parametrize("kernel", ["mosaic_gpu", "triton"])
+@pytest.mark.parametrize("seq, packed", [(1024, True), (1000, True), (256, False)])
+def test_tokamax_gpu_kernels_match_xla(kernel, seq, packed):
+    _check_tokamax_against_xla((kernel,), jnp.bfloat16, seq, 2, 128, packed)
+
+
+def test_segment_starts():
+    ids = jnp.asarray([[3, 3, 1, 1, 3, 3], [0, 0, 0, 0, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(attention.segment_starts(ids)), [[0, 0, 2, 2, 4, 4], [0] * 6])
 
 
 def test_default_implementation(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert attention.default_implementation(jnp.bfloat16, has_segments=True) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.default_implementation(jnp.bfloat16, has_segments=True) == "pallas"
-    assert attention.default_implementation(jnp.float16, has_segments=True) == "pallas"
+    assert attention.default_implementation(jnp.bfloat16, has_segments=True) == "tokamax"
+    assert attention.default_implementation(jnp.float16, has_segments=True) == "tokamax"
     assert attention.default_implementation(jnp.bfloat16, has_segments=False) == "cudnn"
     assert attention.default_implementation(jnp.float32, has_segments=True) == "xla"
 
 
-def test_unknown_implementation_is_an_error():
+def test_unknown_implementation_or_kernel_is_an_error():
     q, k, v = (jnp.asarray(x) for x in _qkv(0))
     with pytest.raises(ValueError, match="unknown attention implementation"):
         causal_gqa_attention(q, k, v, implementation="flash")
-
-
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-N_DEVICES = 2
-
-
-def _export_for_cuda(fn, q, kv, segments):
-    """Lowers ``fn`` for CUDA from this (CPU) host, batch-sharded in a shard_map over an abstract H100 mesh."""
-    mesh = AbstractMesh((N_DEVICES,), ("data",), axis_types=(AxisType.Auto,), abstract_device=H100)
-    out_specs = jax.tree.map(lambda _: P("data"), jax.eval_shape(fn, q, kv, kv, segments))
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=out_specs, check_vma=False)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(
-            jax.jit(sharded), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)],
-        )(q, kv, kv, segments)
-    assert exported.platforms == ("cuda",)
-    return exported.mlir_module()
-
-
-def _export_args(seq=8192):
-    """The ``small`` preset's attention shapes: 8 q heads (2 kv heads here, to exercise the repeat) x 128, bf16."""
-    q = jax.ShapeDtypeStruct((2 * N_DEVICES, seq, 8, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2 * N_DEVICES, seq, 2, 128), jnp.bfloat16)
-    return q, kv, jax.ShapeDtypeStruct((2 * N_DEVICES, seq), jnp.int32)
-
-
-def test_pallas_forward_lowers_for_cuda():
-    def fwd(q, k, v, segments):
-        return flash_gqa_attention(q, k, v, segment_ids=segments, interpret=False)
-
-    text = _export_for_cuda(fwd, *_export_args())
-    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 1
-    assert "tensor<2x8192x8x128xbf16>" in text  # the kernel sees the per-device batch and the repeated kv heads
-
-
-def test_pallas_backward_lowers_for_cuda():
-    def grads(q, k, v, segments):
-        def loss(q_, k_, v_):
-            o = flash_gqa_attention(q_, k_, v_, segment_ids=segments, interpret=False)
-            return jnp.sum(o.astype(jnp.float32) ** 2)
-
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    text = _export_for_cuda(grads, *_export_args())
-    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 3  # forward (lse), backward preprocess, dq/dk/dv
+    with pytest.raises(ValueError, match="tokamax attention kernels must be among"):
+        tokamax_gqa_attention(q, k, v, kernels=("cuda",))

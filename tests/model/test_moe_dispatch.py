@@ -48,15 +48,20 @@ def _plain_from_rows(rows, row_of_slot):
     return jnp.take(rows, row_of_slot, axis=0, mode="fill", fill_value=0)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k):
+@pytest.mark.parametrize("k, dtype, width", [
+    (1, jnp.float32, 5),
+    (2, jnp.float32, 5),
+    (2, jnp.bfloat16, 6),  # 16-bit rows gathered as packed uint32 pairs
+    (2, jnp.bfloat16, 5),  # odd width: element by element
+])
+def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k, dtype, width):
     rng = np.random.default_rng(k)
     tokens, num_groups, tile = 7, 3, 4
     groups = jnp.asarray(rng.integers(0, num_groups, tokens * k))
     layout = tile_layout(groups, num_groups, tile)
-    x = jnp.asarray(rng.standard_normal((tokens, 5)), jnp.float32)
-    rows_ct = jnp.asarray(rng.standard_normal((num_layout_rows(tokens * k, num_groups, tile), 5)), jnp.float32)
-    slots_ct = jnp.asarray(rng.standard_normal((tokens * k, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+    rows_ct = jnp.asarray(rng.standard_normal((num_layout_rows(tokens * k, num_groups, tile), width)), dtype)
+    slots_ct = jnp.asarray(rng.standard_normal((tokens * k, width)), dtype)
 
     rows, vjp = jax.vjp(lambda a: to_rows(a, layout, k), x)
     want, want_vjp = jax.vjp(lambda a: _plain_to_rows(a, layout.slot_of_row, k), x)

@@ -1,0 +1,29 @@
+"""Wall-clock timing of compiled JAX functions for the benchmark scripts (not for tests)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def median_ms(fn: Callable, *args, trials: int = 7, min_trial_s: float = 0.05) -> float:
+    """Median milliseconds per call of ``fn(*args)``.
+
+    Two warm-up calls (the first compiles), then ``trials`` trials of back-to-back calls ended by
+    ``block_until_ready``, each long enough (``min_trial_s``) that launch jitter averages out.
+    """
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps = max(1, int(min_trial_s / max(time.perf_counter() - start, 1e-6)))
+    results = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        results.append((time.perf_counter() - start) / reps * 1e3)
+    return statistics.median(results)
