@@ -43,8 +43,7 @@ flags.DEFINE_float("router_skew", 1.0, "scale of the router weights (larger: mor
 flags.DEFINE_integer("trials", 7, "timing trials (median)")
 flags.DEFINE_float("min_trial_s", 0.05, "each timing trial lasts at least this long")
 flags.DEFINE_string("out_md", "", "also write the markdown table here")
-flags.DEFINE_bool("tune", False, "first sweep the default grouped-matmul backend's launch shapes (Mosaic-GPU per "
-                  "problem on Hopper, Triton elsewhere) and keep the best")
+flags.DEFINE_bool("tune", False, "first sweep the Triton grouped-matmul launch shapes (TUNING) and keep the best")
 flags.DEFINE_bool("check", True, "compare the GPU path's values and gradients with the ragged_dot backend")
 flags.DEFINE_string("profile_dir", "", "also trace 5 forward+backward calls of the default dropless MoE here, with "
                     "its compiled HLO (read it with scripts/trace_summary.py)")
@@ -103,49 +102,6 @@ def tune(x, router, w1) -> list[str]:
     best("gmm", gmm_grid, lambda r, w, d: grouped_matmul(r, w, layout.tile_group, tile=tile, backend="triton"))
     best("tgmm", tgmm_grid, lambda r, w, d: jax.vjp(
         lambda w_: grouped_matmul(r, w_, layout.tile_group, tile=tile, backend="triton"), w)[1](d)[0])
-    return lines
-
-
-def tune_mosaic(x, router, w1, w3, w2) -> list[str]:
-    """Sweeps the Mosaic-GPU kernels' launch shapes for each grouped matmul of the MoE (forward and input
-    gradients per (depth, width, transpose), weight gradients per (depth, width)) on this run's layout; records the
-    fastest of each in ``mosaic_gpu.TUNING`` and returns report lines (with the dict to paste)."""
-    from pallas_kernels.grouped_matmul import mosaic_gpu
-
-    tile = gmm_ops.tile_rows()
-    layout, rows = layout_rows(x, router, w1.shape[0], tile)
-    sizes = jnp.bincount(layout.tile_group, length=w1.shape[0]).astype(jnp.int32) * tile
-    hidden, inter = w1.shape[1], w1.shape[2]
-    weights = {(hidden, 2 * inter): jnp.concatenate([w1, w3], -1), (inter, hidden): w2}
-    lines = []
-
-    def sweep(kernel, shape, grid, fn, *args):
-        results = []
-        for values in grid:
-            mosaic_gpu.TUNING[f"{kernel}_by_shape"][shape] = values
-            try:
-                results.append((median_ms(jax.jit(fn), *args, trials=3), values))
-            except Exception as error:  # noqa: BLE001 - launch shapes that do not fit (shared memory) are skipped
-                lines.append(f"- {kernel} {shape} {values}: failed ({type(error).__name__})")
-        ms, values = min(results, key=lambda r: r[0])
-        mosaic_gpu.TUNING[f"{kernel}_by_shape"][shape] = values
-        lines.append(f"- {kernel} {shape}: best {values} at {ms * 1e3:.0f} us (of {len(results)})")
-
-    for (k, n), w in weights.items():
-        for transpose in (False, True):
-            depth, width = (n, k) if transpose else (k, n)
-            grid = [dict(block_m=128, block_n=bn, block_k=bk, max_concurrent_steps=st, grid_block_n=gb)
-                    for bn in (128, 256) for bk in (64, 128) for st in (4, 6) for gb in (1, 4, 8)
-                    if width % (bn * gb) == 0 and depth % bk == 0]
-            lhs = jnp.ones((rows.shape[0], depth), x.dtype)
-            sweep("gmm", (depth, width, transpose), grid,
-                  lambda a, b, t=transpose: mosaic_gpu.gmm(a, b, sizes, transpose_w=t), lhs, w)
-        grid = [dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=4, grid_block_n=gb)
-                for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for gb in (1, 2) if n % (bn * gb) == 0]
-        lhs, dy = jnp.ones((rows.shape[0], k), x.dtype), jnp.ones((rows.shape[0], n), x.dtype)
-        sweep("tgmm", (k, n), grid, lambda a, b: mosaic_gpu.tgmm(a, b, sizes), lhs, dy)
-    lines.append(f"- mosaic_gpu.TUNING by shape: gmm {mosaic_gpu.TUNING['gmm_by_shape']}, "
-                 f"tgmm {mosaic_gpu.TUNING['tgmm_by_shape']}")
     return lines
 
 
@@ -260,10 +216,7 @@ def main(argv) -> None:
     matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
     peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
 
-    tune_lines = []
-    if FLAGS.tune:  # the default backend's kernels
-        mosaic = gmm_ops.resolve_backend("auto") == "mosaic_gpu"
-        tune_lines = tune_mosaic(x, router, w1, w3, w2) if mosaic else tune(x, router, w1)
+    tune_lines = tune(x, router, w1) if FLAGS.tune else []
     check_line = check(x, router, w1, w3, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
     counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)

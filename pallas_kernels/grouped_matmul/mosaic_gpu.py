@@ -12,20 +12,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
 
-# Launch shapes from an H100 sweep at the small preset's MoE shapes (docs/benchmarks.md): defaults, and the best
-# per problem where the sweep (``scripts/bench_moe.py --tune``) found one. Keys: gmm (depth k, output width n,
-# transpose_w), tgmm (k, n) of the ``[G, k, n]`` weight gradient.
+# Launch shapes from an H100 sweep at the small preset's MoE shapes (docs/benchmarks.md).
 TUNING = {
     "gmm": {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4, "grid_block_n": 4},
     "tgmm": {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4, "grid_block_n": 1},
-    "gmm_by_shape": {},
-    "tgmm_by_shape": {},
 }
-
-
-def knobs(kernel: str, shape: tuple) -> dict:
-    """Launch shape of ``kernel`` (``gmm`` or ``tgmm``) for ``shape`` (see ``TUNING``)."""
-    return TUNING[f"{kernel}_by_shape"].get(shape, TUNING[kernel])
 
 
 def fits(k: int, n: int, dtype) -> bool:
@@ -44,13 +35,10 @@ def _used_rows_only(out, used_rows):
 def gmm(x, w, group_sizes, *, transpose_w=False):
     """``x @ w[g]`` (``w [G, k, n]``; with ``transpose_w`` ``x @ w[g].T``) per contiguous row group of
     ``group_sizes`` rows; zeros past ``sum(group_sizes)``."""
-    k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
-    out = ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, transpose_rhs=transpose_w,
-                                     **knobs("gmm", (k, n, transpose_w)))
+    out = ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, transpose_rhs=transpose_w, **TUNING["gmm"])
     return _used_rows_only(out, jnp.sum(group_sizes))
 
 
 def tgmm(x, dy, group_sizes):
     """``[G, k, n]``: per row group, ``x_g^T @ dy_g``."""
-    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes,
-                                                            **knobs("tgmm", (x.shape[1], dy.shape[1])))
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes, **TUNING["tgmm"])
