@@ -15,13 +15,15 @@ import jax.numpy as jnp
 
 @jax.custom_vjp
 def logits_from_hidden(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
-    """fp32 logits ``[..., vocab]`` of final-norm hidden states (matmul in the hidden states' dtype).
+    """Logits ``[..., vocab]`` of final-norm hidden states, in the hidden states' dtype (a bf16 model's lm_head gives
+    bf16 logits, as in the reference implementation; the loss upcasts them to fp32). Accumulated in fp32.
 
     The backward pass casts the fp32 logit gradient to the hidden states' dtype before its two matmuls (as
     mixed-precision training does everywhere else): JAX's own transpose would promote them to fp32 matmuls, which
     with a 65K vocabulary cost more than the whole forward.
     """
-    return jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits.astype(hidden.dtype)
 
 
 def _logits_fwd(hidden, lm_head):
@@ -100,7 +102,9 @@ def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
 
     def body(d_lm_head, xs):
         h, t, m = xs
-        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32)
+        # rounded to the compute dtype as logits_from_hidden does: with bf16, half the bytes for the passes below
+        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32).astype(h.dtype)
+        logits = logits.astype(jnp.float32)
         loss, log_normalizer = _masked_token_loss_sum(logits, t, m)
         # d loss / d logits = mask * (softmax - onehot(target)), rounded once to the compute dtype
         is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None].astype(jnp.int32)
