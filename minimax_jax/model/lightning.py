@@ -15,6 +15,7 @@ from flax import nnx
 
 import pallas_kernels.lightning as lightning_kernels
 from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
+from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT, checkpoint_name
 from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.params_init import normal_param, ones_param
@@ -65,6 +66,7 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
     """
     q, k, v = lightning_qkv(x, qkv_proj)
     o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size)
+    o = checkpoint_name(o, KERNEL_OUTPUT)  # remat policies may keep it (a Pallas kernel, not an XLA dot)
     return lightning_output(o, x, output_gate=output_gate, norm=norm, out_proj=out_proj)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
+from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT, checkpoint_name
 from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.grouped_matmul import grouped_matmul, tile_rows
@@ -62,8 +63,9 @@ def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w1: jax.Array, w3: jax
     """
     inter = w1.shape[-1]
     gate_up = grouped_matmul(rows, jnp.concatenate([w1, w3], axis=-1), tile_group, tile=tile, backend=backend)
+    gate_up = checkpoint_name(gate_up, KERNEL_OUTPUT)  # remat policies may keep it (not an XLA dot)
     hidden = jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    return grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend)
+    return checkpoint_name(grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend), KERNEL_OUTPUT)
 
 
 def combine_slots(slot_out: jax.Array, weights: jax.Array) -> jax.Array:

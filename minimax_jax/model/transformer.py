@@ -11,6 +11,7 @@ from flax import nnx
 from minimax_jax.config import LIGHTNING, ModelConfig
 from minimax_jax.model.attention import SoftmaxAttention
 from minimax_jax.model.cache import KVCache, LightningCache
+from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.explicit_sharding import explicit_spec
 from minimax_jax.model.lightning import LightningMixer
 from minimax_jax.model.moe import MoE
@@ -124,6 +125,11 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # also keeps the custom kernels' outputs (KERNEL_OUTPUT): the backward pass does not rerun the MoE's grouped
+    # matmuls or the lightning recurrence
+    "dots_and_kernel_outputs": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT)),
 }
 
 
@@ -190,7 +196,8 @@ class MiniMaxForCausalLM(nnx.Module):
 
         Training computes the loss from these chunk by chunk instead of materializing all logits.
         ``remat_policy``: ``none`` keeps every activation; ``full`` recomputes each layer group in the backward
-        pass; ``dots`` / ``dots_with_no_batch_dims`` keep matmul outputs (the jax.checkpoint_policies of those names).
+        pass; ``dots`` / ``dots_with_no_batch_dims`` keep matmul outputs (the jax.checkpoint_policies of those names);
+        ``dots_and_kernel_outputs`` also keeps the custom kernels' outputs (``checkpoint_names.KERNEL_OUTPUT``).
         """
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")

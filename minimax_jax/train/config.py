@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0  # parameter init
     compute_dtype: str = "bfloat16"  # matmul dtype; master weights and optimizer state stay in param_dtype
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # per layer group: none | full | dots | dots_with_no_batch_dims
+    remat_policy: str = "none"  # per layer group: see model.transformer.REMAT_POLICIES
     loss_chunk_size: int | None = None  # sequence chunk of the cross-entropy (None: whole-batch fp32 logits)
     skip_nonfinite_updates: bool = True  # NaN/inf loss or gradient: keep params and optimizer state, log it
     data_shards: int | None = None  # document shards of the global batch (None: process count); fix it to make

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from minimax_jax.model.transformer import MiniMaxForCausalLM
@@ -27,7 +28,7 @@ def test_hidden_states_give_the_model_logits():
     np.testing.assert_array_equal(my_stats.expert_counts, stats.expert_counts)
 
 
-def test_remat_keeps_the_gradients():
+def _loss_fn():
     model, ids, segments, positions = _model_and_batch()
     graphdef, params = nnx.split(model)
 
@@ -36,7 +37,38 @@ def test_remat_keeps_the_gradients():
         hidden, _ = m.hidden_states(ids, segment_ids=segments, positions=positions, remat_policy=policy)
         return jnp.sum(logits_from_hidden(hidden, m.lm_head[...]) ** 2)
 
+    return loss, params
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_and_kernel_outputs"])
+def test_remat_keeps_the_gradients(policy):
+    loss, params = _loss_fn()
     plain = jax.grad(loss)(params, "none")
-    remat = jax.grad(loss)(params, "full")
+    remat = jax.grad(loss)(params, policy)
     for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _count_primitives(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in a jaxpr and every jaxpr nested in its equations' parameters."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    count += _count_primitives(inner, name)
+    return count
+
+
+def test_kernel_outputs_policy_does_not_rerun_the_expert_matmuls():
+    """The MoE's grouped matmuls (ragged_dot on CPU; Pallas kernels on GPU) are not XLA dots: dots_with_no_batch_dims
+    recomputes their forward in the backward pass, dots_and_kernel_outputs keeps their outputs."""
+    loss, params = _loss_fn()
+    counts = {policy: _count_primitives(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, policy).jaxpr,
+                                        "ragged_dot_general")
+              for policy in ("none", "dots_with_no_batch_dims", "dots_and_kernel_outputs")}
+    # the group body holds 2 MoE layers: dots_with_no_batch_dims runs their 2 forward matmuls each again
+    assert counts["dots_with_no_batch_dims"] == counts["none"] + 4, counts
+    assert counts["dots_and_kernel_outputs"] == counts["none"], counts
