@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels.lightning as lightning_kernels
 from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
-from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT, checkpoint_name
+from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.params_init import normal_param, ones_param

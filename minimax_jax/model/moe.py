@@ -7,9 +7,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT, checkpoint_name
+from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.grouped_matmul import grouped_matmul, tile_rows
