@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from minimax_jax.timing import median_ms
 from pallas_kernels.lightning import lightning_attention, ops
 from pallas_kernels.lightning import triton_backend as tb
 
@@ -66,21 +65,8 @@ def rel(a, b):
 
 
 def time_jax(fn, *args):
-    """Median ms per call: warm-up, then trials of n back-to-back calls ended by block_until_ready."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    n = max(1, int(FLAGS.min_trial_s / max(one, 1e-6)))
-    trials = FLAGS.trials if one < 1.0 else 2
-    res = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        res.append((time.perf_counter() - t0) / n * 1e3)
-    return statistics.median(res)
+    """Median ms per call (``minimax_jax.timing.median_ms``); calls over 1 s get 2 trials."""
+    return median_ms(fn, *args, trials=FLAGS.trials, min_trial_s=FLAGS.min_trial_s, slow_call_s=1.0)
 
 
 def time_torch(fn):
