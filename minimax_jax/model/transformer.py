@@ -190,7 +190,7 @@ class MiniMaxForCausalLM(nnx.Module):
         return (logits, stats) if return_router_stats else logits
 
     def hidden_states(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-                      positions: jax.Array | None = None, remat_policy: str = "none"
+                      positions: jax.Array | None = None, remat_policy: str = "none", scan_layers: bool = True
                       ) -> tuple[jax.Array, RouterStats]:
         """Final-norm hidden states ``[batch, seq, hidden]`` (compute dtype) and the router statistics.
 
@@ -198,6 +198,9 @@ class MiniMaxForCausalLM(nnx.Module):
         ``remat_policy``: ``none`` keeps every activation; ``full`` recomputes each layer group in the backward
         pass; ``dots`` / ``dots_with_no_batch_dims`` keep matmul outputs (the jax.checkpoint_policies of those names);
         ``dots_and_kernel_outputs`` also keeps the custom kernels' outputs (``checkpoint_names.KERNEL_OUTPUT``).
+        ``scan_layers``: loop over the layer groups (compile time independent of depth); False unrolls the loop,
+        which saves stacking the activations kept for the backward pass (zero-filling and copying them into
+        ``[groups, ...]`` buffers) at the cost of longer compiles and more memory.
         """
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
@@ -215,7 +218,7 @@ class MiniMaxForCausalLM(nnx.Module):
         if REMAT_POLICIES[remat_policy] is not None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
         group_indices = jnp.arange(self.config.num_layer_groups, dtype=jnp.int32)
-        h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices))
+        h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices), unroll=not scan_layers)
         with jax.named_scope("norms_residual"):
             h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
         return h, RouterStats(aux.reshape(-1), counts.reshape(self.config.num_hidden_layers, -1))

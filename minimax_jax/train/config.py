@@ -91,6 +91,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # matmul dtype; master weights and optimizer state stay in param_dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # per layer group: see model.transformer.REMAT_POLICIES
+    scan_layers: bool = True  # False unrolls the loop over layer groups: faster steps, more memory, longer compiles
     loss_chunk_size: int | None = None  # sequence chunk of the cross-entropy (None: whole-batch fp32 logits)
     skip_nonfinite_updates: bool = True  # NaN/inf loss or gradient: keep params and optimizer state, log it
     data_shards: int | None = None  # document shards of the global batch (None: process count); fix it to make

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 @jax.custom_vjp
 def logits_from_hidden(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
     """Logits ``[..., vocab]`` of final-norm hidden states, in the hidden states' dtype (a bf16 model's lm_head gives
-    bf16 logits, as in the reference implementation; the loss upcasts them to fp32). Accumulated in fp32.
+    bf16 logits, as in the reference implementation; the loss upcasts them to fp32). The matmul accumulates in fp32
+    and writes the compute dtype itself: an fp32 result converted afterwards costs XLA an extra pass over the logits.
 
     The backward pass casts the fp32 logit gradient to the hidden states' dtype before its two matmuls (as
     mixed-precision training does everywhere else): JAX's own transpose would promote them to fp32 matmuls, which
     with a 65K vocabulary cost more than the whole forward.
     """
-    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return logits.astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden.dtype))
 
 
 def _logits_fwd(hidden, lm_head):
@@ -33,9 +33,9 @@ def _logits_fwd(hidden, lm_head):
 def _logits_bwd(res, d_logits):
     hidden, lm_head = res
     d_logits = d_logits.astype(hidden.dtype)
-    d_hidden = jnp.einsum("...v,dv->...d", d_logits, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    d_hidden = jnp.einsum("...v,dv->...d", d_logits, lm_head.astype(hidden.dtype))
     d_lm_head = jnp.einsum("...d,...v->dv", hidden, d_logits, preferred_element_type=jnp.float32)
-    return d_hidden.astype(hidden.dtype), d_lm_head.astype(lm_head.dtype)
+    return d_hidden, d_lm_head.astype(lm_head.dtype)
 
 
 logits_from_hidden.defvjp(_logits_fwd, _logits_bwd)
@@ -102,15 +102,14 @@ def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
 
     def body(d_lm_head, xs):
         h, t, m = xs
-        # rounded to the compute dtype as logits_from_hidden does: with bf16, half the bytes for the passes below
-        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32).astype(h.dtype)
-        logits = logits.astype(jnp.float32)
+        # in the compute dtype as logits_from_hidden: with bf16, half the bytes for the passes below
+        logits = jnp.einsum("bcd,dv->bcv", h, weights).astype(jnp.float32)
         loss, log_normalizer = _masked_token_loss_sum(logits, t, m)
         # d loss / d logits = mask * (softmax - onehot(target)), rounded once to the compute dtype
         is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None].astype(jnp.int32)
         mask = m.astype(jnp.float32)[..., None]
         d_logits = ((jnp.exp(logits - log_normalizer[..., None]) - is_target) * mask).astype(h.dtype)
-        d_h = jnp.einsum("bcv,dv->bcd", d_logits, weights, preferred_element_type=jnp.float32).astype(h.dtype)
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, weights)
         d_lm_head = d_lm_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
         return d_lm_head, (loss, d_h)
 

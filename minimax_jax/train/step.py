@@ -36,13 +36,14 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, seed
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, *, remat_policy: str, loss_chunk_size: int | None,
-                 aux_loss_coef: float) -> Callable:
+                 aux_loss_coef: float, scan_layers: bool = True) -> Callable:
     """``loss_fn(params, micro_batch, num_tokens) -> (objective, (ce_sum, aux_loss, expert_counts))``."""
 
     def loss_fn(params, batch: Batch, num_tokens: jax.Array):
         model = nnx.merge(graphdef, params)
         hidden, stats = model.hidden_states(batch["inputs"], segment_ids=batch["segment_ids"],
-                                            positions=batch["positions"], remat_policy=remat_policy)
+                                            positions=batch["positions"], remat_policy=remat_policy,
+                                            scan_layers=scan_layers)
         lm_head = model.lm_head[...]
         with jax.named_scope("loss"):
             if loss_chunk_size is None:
@@ -60,7 +61,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, remat_policy: str, loss_chunk_size: 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     grad_accum_steps: int = 1, remat_policy: str = "none", loss_chunk_size: int | None = None,
-                    aux_loss_coef: float = 0.0, skip_nonfinite: bool = True) -> Callable:
+                    aux_loss_coef: float = 0.0, skip_nonfinite: bool = True, scan_layers: bool = True) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
 
     ``batch`` holds ``[global_batch, seq]`` arrays; with ``grad_accum_steps`` A the step scans over A micro-batches
@@ -69,7 +70,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     non-finite) and ``expert_counts`` ``[layers, experts]``.
     """
     loss_fn = make_loss_fn(graphdef, remat_policy=remat_policy, loss_chunk_size=loss_chunk_size,
-                           aux_loss_coef=aux_loss_coef)
+                           aux_loss_coef=aux_loss_coef, scan_layers=scan_layers)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def accumulate(params, batch: Batch, num_tokens):

@@ -75,7 +75,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
                               grad_accum_steps=config.grad_accum_steps, remat_policy=config.remat_policy,
                               loss_chunk_size=config.loss_chunk_size,
                               aux_loss_coef=config.model.router_aux_loss_coef,
-                              skip_nonfinite=config.skip_nonfinite_updates)
+                              skip_nonfinite=config.skip_nonfinite_updates, scan_layers=config.scan_layers)
     batch_shard = batch_sharding(mesh, config.mesh)
     jitted = jax.jit(step_fn, in_shardings=(replicated(mesh), batch_shard), out_shardings=replicated(mesh),
                      donate_argnums=0)

@@ -11,8 +11,8 @@ from minimax_jax.train.loss import logits_from_hidden
 from tests.train.helpers import micro_model
 
 
-def _model_and_batch():
-    model = MiniMaxForCausalLM(micro_model(), dtype=jnp.float32, rngs=nnx.Rngs(0))
+def _model_and_batch(config=None):
+    model = MiniMaxForCausalLM(config or micro_model(), dtype=jnp.float32, rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
     segments = jnp.concatenate([jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 6), jnp.int32)], axis=1)
     positions = jnp.concatenate([jnp.arange(10), jnp.arange(6)])[None].repeat(2, axis=0).astype(jnp.int32)
@@ -28,13 +28,14 @@ def test_hidden_states_give_the_model_logits():
     np.testing.assert_array_equal(my_stats.expert_counts, stats.expert_counts)
 
 
-def _loss_fn():
-    model, ids, segments, positions = _model_and_batch()
+def _loss_fn(config=None):
+    model, ids, segments, positions = _model_and_batch(config)
     graphdef, params = nnx.split(model)
 
-    def loss(params, policy):
+    def loss(params, policy, scan_layers=True):
         m = nnx.merge(graphdef, params)
-        hidden, _ = m.hidden_states(ids, segment_ids=segments, positions=positions, remat_policy=policy)
+        hidden, _ = m.hidden_states(ids, segment_ids=segments, positions=positions, remat_policy=policy,
+                                    scan_layers=scan_layers)
         return jnp.sum(logits_from_hidden(hidden, m.lm_head[...]) ** 2)
 
     return loss, params
@@ -46,6 +47,18 @@ def test_remat_keeps_the_gradients(policy):
     plain = jax.grad(loss)(params, "none")
     remat = jax.grad(loss)(params, policy)
     for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unrolled_layer_groups_give_the_scanned_loss_and_gradients():
+    loss, params = _loss_fn(micro_model(num_hidden_layers=4, attn_type_list=(0, 1, 0, 1)))  # 2 layer groups
+    scanned = jax.value_and_grad(loss)(params, "dots_and_kernel_outputs")
+    unrolled = jax.value_and_grad(loss)(params, "dots_and_kernel_outputs", False)
+    for scan_layers, unroll in ((True, 1), (False, 2)):
+        jaxpr = jax.make_jaxpr(loss, static_argnums=(1, 2))(params, "none", scan_layers).jaxpr
+        layer_scans = [e for e in jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == 2]
+        assert [e.params["unroll"] for e in layer_scans] == [unroll]
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
