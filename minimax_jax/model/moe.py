@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
-from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
+from minimax_jax.model.moe_dispatch import combine_rows, tile_layout, to_rows
 from minimax_jax.model.params_init import normal_param
 from pallas_kernels.grouped_matmul import grouped_matmul, tile_rows
 
@@ -97,7 +97,7 @@ def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Arra
     with jax.named_scope("experts"):
         out = expert_swiglu(rows, layout.tile_group, w1, w3, w2, tile=tile, backend=backend)
     with jax.named_scope("combine"):
-        return combine_slots(from_rows(out, layout), routing.weights)
+        return combine_rows(out, layout, routing.weights)
 
 
 class MoEOutput(NamedTuple):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.model.moe_dispatch import from_rows, num_layout_rows, tile_layout, to_rows
+from minimax_jax.model.moe import combine_slots
+from minimax_jax.model.moe_dispatch import combine_rows, from_rows, num_layout_rows, tile_layout, to_rows
 
 
 @pytest.mark.parametrize("groups, num_groups, tile", [
@@ -74,3 +75,22 @@ def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k, dtype, widt
     np.testing.assert_array_equal(vjp(slots_ct)[0], want_vjp(slots_ct)[0])
     # the round trip returns every slot's row: token s // k
     np.testing.assert_array_equal(from_rows(to_rows(x, layout, k), layout), jnp.repeat(x, k, axis=0))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_combine_rows_equals_gather_then_weighted_sum_with_gradients(dtype, tol):
+    """Uneven loads with an empty group (padding rows inside and after groups); gradients of rows and weights."""
+    rng = np.random.default_rng(3)
+    tokens, k, num_groups, tile, width = 9, 2, 4, 4, 6
+    groups = jnp.asarray(rng.choice([0, 1, 3], tokens * k))  # group 2 gets nothing
+    layout = tile_layout(groups, num_groups, tile)
+    rows = jnp.asarray(rng.standard_normal((num_layout_rows(tokens * k, num_groups, tile), width)), dtype)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((tokens, k)), jnp.float32), axis=-1)
+    dy = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+
+    got, got_vjp = jax.vjp(lambda r, w: combine_rows(r, layout, w), rows, weights)
+    want, want_vjp = jax.vjp(lambda r, w: combine_slots(from_rows(r, layout), w), rows, weights)
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(got_vjp(dy), want_vjp(dy), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
