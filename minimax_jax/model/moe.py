@@ -69,14 +69,6 @@ def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w1: jax.Array, w3: jax
     return checkpoint_name(grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend), KERNEL_OUTPUT)
 
 
-def combine_slots(slot_out: jax.Array, weights: jax.Array) -> jax.Array:
-    """Each token's k slot outputs (``[T*k, D]``, token-major) summed with its routing weights ``[T, k]``."""
-    num_tokens, k = weights.shape
-    # an elementwise product and sum (fused by XLA); as an einsum it becomes T batched 1 x k x D matmuls on GPU
-    weighted = slot_out.reshape(num_tokens, k, -1) * weights.astype(slot_out.dtype)[:, :, None]
-    return jnp.sum(weighted, axis=1, dtype=jnp.float32).astype(slot_out.dtype)
-
-
 def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
                      backend: str = "auto") -> jax.Array:
     """``sum_k w_k * W2_{e_k}(silu(W1_{e_k} x) * (W3_{e_k} x))`` with no capacity limit.

@@ -120,18 +120,24 @@ def _from_rows_bwd(res, d_slots):
 from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
 
 
+def combine_slots(slot_out: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each token's k slot outputs (``[T*k, D]``, token-major) summed with its routing weights ``[T, k]``."""
+    num_tokens, k = weights.shape
+    # an elementwise product and sum (fused by XLA); as an einsum it becomes T batched 1 x k x D matmuls on GPU
+    weighted = slot_out.reshape(num_tokens, k, -1) * weights.astype(slot_out.dtype)[:, :, None]
+    return jnp.sum(weighted, axis=1, dtype=jnp.float32).astype(slot_out.dtype)
+
+
 @jax.custom_vjp
 def combine_rows(rows: jax.Array, layout: TileLayout, weights: jax.Array) -> jax.Array:
-    """Each token's k results read from the rows and summed with its routing weights ``[T, k]``: ``[T, D]`` in the
-    rows' dtype (the products rounded to it, the sum in fp32). Equals ``from_rows`` then a weighted sum over k.
+    """``combine_slots(from_rows(rows, layout), weights)``: each token's k results read from the rows and summed
+    with its routing weights ``[T, k]``.
 
     Its backward pass writes the rows' gradient in one gather from the output gradient (``dy[token] * weight``
     per row), where autodiff of the two steps would first write and then re-gather a per-slot ``[T*k, D]``
     gradient; the weights' gradient is accumulated in fp32.
     """
-    num_tokens, k = weights.shape
-    weighted = from_rows(rows, layout).reshape(num_tokens, k, -1) * weights.astype(rows.dtype)[:, :, None]
-    return jnp.sum(weighted, axis=1, dtype=jnp.float32).astype(rows.dtype)
+    return combine_slots(from_rows(rows, layout), weights)
 
 
 def _combine_rows_fwd(rows, layout, weights):
@@ -142,7 +148,7 @@ def _combine_rows_bwd(res, dy):
     rows, layout, weights = res
     num_tokens, k = weights.shape
     slot = layout.slot_of_row  # S (no slot) on padding rows: gathers below give zeros there
-    row_weight = jnp.take(weights.reshape(-1), slot, mode="fill", fill_value=0).astype(rows.dtype)
+    row_weight = _take(weights.reshape(-1), slot).astype(rows.dtype)
     d_rows = _take(dy.astype(rows.dtype), slot // k) * row_weight[:, None]
     slot_rows = _take(rows, layout.row_of_slot).reshape(num_tokens, k, -1)
     d_weights = jnp.sum(slot_rows.astype(jnp.float32) * dy.astype(jnp.float32)[:, None, :], axis=-1)

@@ -23,13 +23,12 @@ from jax.sharding import PartitionSpec as P
 
 from minimax_jax.model.moe import (
     Routing,
-    combine_slots,
     dropless_experts,
     expert_swiglu,
     expert_token_counts,
     route,
 )
-from minimax_jax.model.moe_dispatch import from_rows, tile_layout, to_rows
+from minimax_jax.model.moe_dispatch import combine_slots, from_rows, tile_layout, to_rows
 from minimax_jax.parallel.ragged_collectives import ragged_all_to_all
 from minimax_jax.parallel.sharding import LOGICAL_AXIS_RULES, MeshAxes, ShardingError, check_divisible, mesh_axes_for
 from pallas_kernels.grouped_matmul import tile_rows

@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.model.moe import combine_slots
-from minimax_jax.model.moe_dispatch import combine_rows, from_rows, num_layout_rows, tile_layout, to_rows
+from minimax_jax.model.moe_dispatch import (
+    combine_rows,
+    combine_slots,
+    from_rows,
+    num_layout_rows,
+    tile_layout,
+    to_rows,
+)
 
 
 @pytest.mark.parametrize("groups, num_groups, tile", [
