@@ -1,44 +1,237 @@
-"""Hopper backend of the grouped matmul: jax's own Pallas Mosaic-GPU ragged-dot kernels (wgmma + TMA pipelines,
-``jax.experimental.pallas.ops.gpu``), used on the tile-aligned layout's padded group sizes.
+"""Hopper backend of the grouped matmul (Pallas Mosaic GPU, sm_90 only; no interpret mode, so CPU tests cover the
+Triton kernels instead).
 
-Those kernels leave rows outside every group unwritten, so outputs are masked to zeros past the used rows (the
-``ops.py`` contract), and the weight gradient only ever reads rows inside groups. On an H100 at the small preset's
-MoE shapes they ran 1.2x (forward) to 2x (weight gradient) faster than ``triton_kernels.py``
-(docs/benchmarks.md). sm_90 only; no interpret mode, so CPU tests cover the Triton kernels instead.
+* ``gmm`` (forward and input gradient) is this module's warp-specialized kernel: one producer warpgroup streams
+  row and weight blocks through shared memory with TMA while two consumer warpgroups run wgmma, each on its own
+  ``tile_m`` rows of a ``2 * tile_m``-row layout tile (so the layout tile must be ``2 * tile_m`` rows: one group per
+  CTA tile). A persistent grid walks the (row tile, column tile) pairs; a row tile's group comes from the groups'
+  cumulative tile counts, and unused trailing tiles are skipped (their rows are masked to zeros afterwards).
+  jax's own ragged-dot kernels (one warpgroup, no producer warp) ran these shapes at 240-490 TFLOP/s on an H100;
+  a warp-specialized dense matmul at 610-700 (docs/benchmarks.md).
+* ``tgmm`` (weight gradient) has the same structure: per (group, output tile) the pipeline walks the group's rows
+  (a dynamic number of steps) and the two consumer warpgroups take one half of the output columns each.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+import functools
 
-# Launch shapes from an H100 sweep at the small preset's MoE shapes (docs/benchmarks.md).
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+# Launch shapes from H100 sweeps at the small preset's MoE shapes (docs/benchmarks.md). gmm: rows per consumer
+# warpgroup (the layout tile is twice that), output columns and depth per step, pipeline depth, and the
+# persistent grid's traversal (column tiles fastest within bands of ``band`` row tiles).
 TUNING = {
-    "gmm": {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4, "grid_block_n": 4},
-    "tgmm": {"block_m": 128, "block_n": 128, "block_k": 64, "max_concurrent_steps": 4, "grid_block_n": 1},
+    "gmm": {"tile_m": 128, "tile_n": 128, "tile_k": 64, "stages": 4, "band": 4},
+    "tgmm": {"tile_k": 128, "tile_n": 128, "tile_rows": 64, "stages": 4, "band": 4},
 }
+_EPILOGUE = 64  # output tiles of 64 x 64 go through shared memory to global memory, two in flight per warpgroup
+
+
+def layout_tile() -> int:
+    """Rows per tile of the layout this backend wants: one group per CTA tile of two warpgroups."""
+    return 2 * TUNING["gmm"]["tile_m"]
 
 
 def fits(k: int, n: int, dtype) -> bool:
     """Whether the kernels take a ``[R, k] @ [G, k, n]`` problem (and its transposes) in ``dtype``."""
     gmm, tgmm = TUNING["gmm"], TUNING["tgmm"]
     return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and all(d % gmm["block_k"] == 0 for d in (k, n))
-            and all(d % (gmm["block_n"] * gmm["grid_block_n"]) == 0 for d in (k, n))
-            and all(d % tgmm["block_m"] == 0 and d % tgmm["block_n"] == 0 for d in (k, n)))
+            and all(d % gmm["tile_k"] == 0 and d % gmm["tile_n"] == 0 for d in (k, n))  # forward and transposed
+            and k % tgmm["tile_k"] == 0 and n % (2 * tgmm["tile_n"]) == 0
+            and layout_tile() % tgmm["tile_rows"] == 0)
+
+
+def _num_sms() -> int:
+    """Multiprocessors of the target GPU: the abstract mesh's device when lowering ahead of time, else device 0."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.num_cores if device is not None else jax.devices()[0].core_count
 
 
 def _used_rows_only(out, used_rows):
     return jnp.where(jnp.arange(out.shape[0])[:, None] < used_rows, out, jnp.zeros((), out.dtype))
 
 
+def _smem_transforms(minor_bytes: int):
+    swizzle = plgpu.find_swizzle(minor_bytes * 8)
+    return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
+
+
+def _group_of_tile(group_end_tiles, tile, num_groups):
+    """Group of row tile ``tile``: how many groups end at or before it (``num_groups``: an unused tile)."""
+    group = jnp.int32(0)
+    for g in range(num_groups):
+        group += (tile >= group_end_tiles[g]).astype(jnp.int32)
+    return group
+
+
+def _store(result, out_smem, wg, out_ref):
+    """Writes a warpgroup's ``result`` tile to ``out_ref`` through shared memory, 64 x 64 at a time."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    rows, cols = result.shape
+    for i in range(rows // _EPILOGUE):
+        for j in range(cols // _EPILOGUE):
+            slot = (i * (cols // _EPILOGUE) + j) % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            out_smem[wg, slot] = result[i * _EPILOGUE:(i + 1) * _EPILOGUE, j * _EPILOGUE:(j + 1) * _EPILOGUE]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                    out_ref.at[pl.ds(i * _EPILOGUE, _EPILOGUE), pl.ds(j * _EPILOGUE, _EPILOGUE)])
+
+
+def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_groups, tile_m, tile_n, tile_k,
+                stages, band):
+    rows, depth = x_gmem.shape
+    cols = out_gmem.shape[1]
+    cta_m = 2 * tile_m
+    m_tiles, n_tiles, k_steps = rows // cta_m, cols // tile_n, depth // tile_k
+    in_transforms = _smem_transforms(tile_k * 2)
+    out_transforms = _smem_transforms(_EPILOGUE * 2)
+    w_block = (tile_n, tile_k) if transpose_w else (tile_k, tile_n)
+
+    def pipeline(mma_body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            mma_body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=compute_context,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tile_k), lambda k: (0, k), transforms=in_transforms,
+                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(w_block, (lambda k: (0, k)) if transpose_w else (lambda k: (k, 0)),
+                                transforms=in_transforms, memory_space=plgpu.SMEM),
+            ])
+
+    def unused(*_, **__):
+        return None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=pipeline(unused, unused).get_allocations(x_gmem, w_gmem.at[0]),
+        out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), out_gmem.dtype, transforms=out_transforms),
+        collective_axes="wg",
+    )
+    def scope(allocations, out_smem):
+        wg = lax.axis_index("wg")
+        wg_rows = pl.ds(wg * tile_m, tile_m)
+
+        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        def tile_loop(info: plgpu.NDLoopInfo):
+            m, n = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 0, band)
+            group = _group_of_tile(group_end_tiles, m, num_groups)
+            cta_rows, cta_cols = pl.ds(m * cta_m, cta_m), pl.ds(n * tile_n, tile_n)
+
+            def mma(_, x_smem, w_smem, acc):
+                plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem.transpose((1, 0)) if transpose_w else w_smem)
+                plgpu.wgmma_wait(0)
+                return acc
+
+            def compute(run_pipeline):
+                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def accumulate(acc):
+                    run_pipeline(acc)
+                    _store(acc[...].astype(out_gmem.dtype), out_smem, wg, out_gmem.at[cta_rows, cta_cols].at[wg_rows])
+
+            weights = w_gmem.at[jnp.minimum(group, num_groups - 1)]
+            weights = weights.at[cta_cols, :] if transpose_w else weights.at[:, cta_cols]
+
+            @pl.when(group < num_groups)
+            def _():
+                pipeline(mma, compute)(x_gmem.at[cta_rows, :], weights, allocations=allocations)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def gmm(x, w, group_sizes, *, transpose_w=False):
     """``x @ w[g]`` (``w [G, k, n]``; with ``transpose_w`` ``x @ w[g].T``) per contiguous row group of
-    ``group_sizes`` rows; zeros past ``sum(group_sizes)``."""
-    out = ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, transpose_rhs=transpose_w, **TUNING["gmm"])
-    return _used_rows_only(out, jnp.sum(group_sizes))
+    ``group_sizes`` rows (multiples of ``layout_tile()``); zeros past ``sum(group_sizes)``."""
+    num_groups = w.shape[0]
+    cols = w.shape[1] if transpose_w else w.shape[2]
+    group_end_tiles = jnp.cumsum(group_sizes) // layout_tile()
+    kernel = plgpu.kernel(
+        functools.partial(_gmm_kernel, transpose_w=transpose_w, num_groups=num_groups, **TUNING["gmm"]),
+        out_type=jax.ShapeDtypeStruct((x.shape[0], cols), x.dtype),
+        grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return _used_rows_only(kernel(group_end_tiles.astype(jnp.int32), x, w), jnp.sum(group_sizes))
+
+
+def _tgmm_kernel(group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k, tile_n, tile_rows, stages, band):
+    rows, depth = x_gmem.shape
+    cols = dy_gmem.shape[1]
+    num_groups = out_gmem.shape[0]
+    cta_n = 2 * tile_n
+    k_tiles, n_tiles = depth // tile_k, cols // cta_n
+    x_transforms = _smem_transforms(tile_k * 2)
+    dy_transforms = _smem_transforms(min(cta_n, 64) * 2)
+
+    def pipeline(mma_body, compute_context, steps):
+        return plgpu.emit_pipeline_warp_specialized(
+            mma_body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=compute_context,
+            in_specs=[
+                plgpu.BlockSpec((tile_rows, tile_k), lambda r: (r, 0), transforms=x_transforms,
+                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tile_rows, cta_n), lambda r: (r, 0), transforms=dy_transforms,
+                                memory_space=plgpu.SMEM),
+            ])
+
+    def unused(*_, **__):
+        return None
+
+    @functools.partial(
+        pl.run_scoped,
+        # a static grid of ``stages`` steps sizes the buffers for the full pipeline depth (a shorter static grid
+        # would shrink them); the real pipelines below have a dynamic number of steps
+        allocations=pipeline(unused, unused, stages).get_allocations(x_gmem, dy_gmem),
+        out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), out_gmem.dtype, transforms=_smem_transforms(_EPILOGUE * 2)),
+        collective_axes="wg",
+    )
+    def scope(allocations, out_smem):
+        wg = lax.axis_index("wg")
+        wg_cols = pl.ds(wg * tile_n, tile_n)
+
+        @plgpu.nd_loop((num_groups, k_tiles * n_tiles), collective_axes="sm")
+        def tile_loop(info: plgpu.NDLoopInfo):
+            group = info.index[0]
+            kt, nt = plgpu.planar_snake(info.index[1], (k_tiles, n_tiles), 0, band)
+            out_block = out_gmem.at[group, pl.ds(kt * tile_k, tile_k), pl.ds(nt * cta_n, cta_n)]
+            steps = group_steps[group]
+            # a window of all rows starting at the group's first row; the pipeline reads only its ``steps`` blocks
+            group_rows = pl.ds(pl.multiple_of(group_starts[group], tile_rows), rows)
+
+            def mma(_, x_smem, dy_smem, acc):
+                plgpu.wgmma(acc, x_smem.transpose((1, 0)), dy_smem.at[:, wg_cols])
+                plgpu.wgmma_wait(0)
+                return acc
+
+            def compute(run_pipeline):
+                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_k, tile_n), jnp.float32))
+                def accumulate(acc):
+                    run_pipeline(acc)
+                    _store(acc[...].astype(out_gmem.dtype), out_smem, wg, out_block.at[:, wg_cols])
+
+            @pl.when(steps > 0)
+            def _():
+                pipeline(mma, compute, steps)(x_gmem.at[group_rows, pl.ds(kt * tile_k, tile_k)],
+                                              dy_gmem.at[group_rows, pl.ds(nt * cta_n, cta_n)],
+                                              allocations=allocations)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def tgmm(x, dy, group_sizes):
-    """``[G, k, n]``: per row group, ``x_g^T @ dy_g``."""
-    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x, dy, group_sizes=group_sizes, **TUNING["tgmm"])
+    """``[G, k, n]``: per row group, ``x_g^T @ dy_g`` (zeros for an empty group)."""
+    knobs = TUNING["tgmm"]
+    ends = jnp.cumsum(group_sizes).astype(jnp.int32)
+    kernel = plgpu.kernel(
+        functools.partial(_tgmm_kernel, **knobs),
+        out_type=jax.ShapeDtypeStruct((group_sizes.shape[0], x.shape[1], dy.shape[1]), x.dtype),
+        grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    dw = kernel(ends - group_sizes.astype(jnp.int32), (group_sizes // knobs["tile_rows"]).astype(jnp.int32), x, dy)
+    return jnp.where((group_sizes > 0)[:, None, None], dw, jnp.zeros((), dw.dtype))

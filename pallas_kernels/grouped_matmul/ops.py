@@ -12,9 +12,10 @@ Gradients flow to ``x`` and ``w``; ``tile_group`` is a constant.
 
 Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``xla`` (``jax.lax.ragged_dot`` on
 the padded group sizes: the fast path on CPU and TPU), ``triton`` (Pallas-Triton kernels, ``triton_kernels.py``,
-behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``mosaic_gpu`` (jax's Hopper ragged-dot kernels,
-``mosaic_gpu.py``, same custom_vjp structure). ``auto``: mosaic_gpu on Hopper, triton on other GPUs, each falling
-back (mosaic_gpu -> triton -> xla) for shapes it does not take, and Triton inside ``jax.shard_map`` (see
+behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``mosaic_gpu`` (Hopper: warp-specialized
+Mosaic-GPU kernels, ``mosaic_gpu.py``, same custom_vjp structure). ``auto``:
+mosaic_gpu on Hopper, triton on other GPUs, each falling back (mosaic_gpu -> triton -> xla) for shapes it does not
+take, and Triton inside ``jax.shard_map`` (see
 ``pallas_kernels/manual_axes.py``); xla on CPU/TPU.
 """
 
@@ -59,7 +60,12 @@ def resolve_backend(backend: str) -> str:
 
 def tile_rows(backend: str = "auto") -> int:
     """Row tile a backend wants the layout padded to (a multiple of 8)."""
-    return TUNING["tile"] if resolve_backend(backend) in ("triton", "mosaic_gpu") else _CPU_TILE
+    name = resolve_backend(backend)
+    if name == "mosaic_gpu":
+        from pallas_kernels.grouped_matmul import mosaic_gpu
+
+        return mosaic_gpu.layout_tile()
+    return TUNING["tile"] if name == "triton" else _CPU_TILE
 
 
 def _validate(x, w, tile_group, tile) -> None:
@@ -194,7 +200,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: i
     if backend == "auto" and name == "mosaic_gpu":
         from pallas_kernels.grouped_matmul import mosaic_gpu
 
-        # jax's kernels cannot declare the manual axes of their outputs (shard_map with check_vma): Triton there
+        # the Mosaic-GPU kernels cannot declare their outputs' manual axes (shard_map with check_vma): Triton there
         if not mosaic_gpu.fits(x.shape[1], w.shape[2], x.dtype) or union_axes(x, w):
             name = "triton"
     if name == "mosaic_gpu" and union_axes(x, w):

@@ -10,7 +10,7 @@ import pytest
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh, AxisType
 
-from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import grouped_matmul, mosaic_gpu
 from pallas_kernels.grouped_matmul.ops import _is_hopper
 from tests.pallas_kernels.test_export import H100
 
@@ -112,15 +112,38 @@ def test_triton_lowers_for_cuda_forward_and_backward():
         assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == kernels, fn.__name__
 
 
-@pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU ragged-dot kernels need an sm_90 GPU (no interpret mode)")
-def test_mosaic_gpu_equals_reference_on_hopper():
-    """jax's Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
+def test_mosaic_gpu_kernels_lower_for_cuda_forward_and_backward():
+    """jax.export for an H100 from this CPU host (Mosaic GPU kernels have no interpret mode to run here): one kernel
+    forward; the transposed forward kernel and the weight-gradient kernel backward."""
+    tile = mosaic_gpu.layout_tile()
+    x = jax.ShapeDtypeStruct((4 * tile, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((8, 256, 256), jnp.bfloat16)
+    tg = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def forward(x_, w_, tg_):
+        return grouped_matmul(x_, w_, tg_, tile=tile, backend="mosaic_gpu")
+
+    def grads(x_, w_, tg_):
+        return jax.grad(lambda a, b: jnp.sum(forward(a, b, tg_).astype(jnp.float32) ** 2), argnums=(0, 1))(x_, w_)
+
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=H100)
+    for fn, kernels in ((forward, 1), (grads, 3)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.export.export(jax.jit(fn), platforms=["cuda"])(x, w, tg).mlir_module()
+        assert text.count("mosaic_gpu_v2") == kernels, (fn.__name__, text.count("mosaic_gpu_v2"))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU kernels need an sm_90 GPU (no interpret mode)")
+@pytest.mark.parametrize("k, n", [(512, 256), (256, 512)])
+def test_mosaic_gpu_equals_reference_on_hopper(k, n):
+    """The Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
     leave unwritten: the backend must zero them)."""
+    tile = mosaic_gpu.layout_tile()
     tile_group = [0, 0, 0, 2, 3, 3, 4, 4]
-    x, w, tg, cotangent = _problem(tile_group, 128, 512, 512, 4, jnp.bfloat16)
-    got = _value_and_grads("mosaic_gpu", x, w, tg, 128, cotangent)
-    want = _value_and_grads("reference", x.astype(jnp.float32), w.astype(jnp.float32), tg, 128, cotangent)
+    x, w, tg, cotangent = _problem(tile_group, tile, k, n, 4, jnp.bfloat16)
+    got = _value_and_grads("mosaic_gpu", x, w, tg, tile, cotangent)
+    want = _value_and_grads("reference", x.astype(jnp.float32), w.astype(jnp.float32), tg, tile, cotangent)
     for name, g, r in zip(("out", "dx", "dw"), got, want, strict=True):
         assert _rel_err(g, r) < TOL[jnp.bfloat16], (name, _rel_err(g, r))
-    assert not np.any(np.asarray(got[0])[-256:]), "unused tiles must be zeros"
+    assert not np.any(np.asarray(got[0])[-2 * tile:]), "unused tiles must be zeros"
     assert not np.any(np.asarray(got[2])[1]), "a group without rows gets a zero weight gradient"

@@ -41,7 +41,7 @@ def test_grouped_matmul_in_shard_map_matches_ragged_dot(backend):
         return jax.jit(sharded)(x, w, tile_group), jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
     with jax.set_mesh(mesh):
-        if backend == "mosaic_gpu":  # jax's Hopper kernels cannot declare their outputs' axes: a clear error
+        if backend == "mosaic_gpu":  # the Mosaic-GPU kernels cannot declare their outputs' axes: a clear error
             with pytest.raises(ValueError, match="cannot run inside jax.shard_map"):
                 run("mosaic_gpu")
             return
