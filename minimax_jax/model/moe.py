@@ -24,10 +24,24 @@ class Routing(NamedTuple):
     probs: jax.Array  # fp32 [T, E]
 
 
+def top_k_by_argmax(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over the last axis as ``k`` rounds of max and argmax (ties: the lower index first, as
+    ``top_k``). For the router's few experts XLA fuses these into one pass; its sort-based ``top_k`` took 0.2 ms per
+    MoE layer of 64K tokens on an H100."""
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    values, indices = [], []
+    for _ in range(k):
+        best = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        values.append(jnp.take_along_axis(x, best[..., None], axis=-1)[..., 0])
+        indices.append(best)
+        x = jnp.where(index == best[..., None], -jnp.inf, x)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def route(router_logits: jax.Array, num_experts_per_tok: int) -> Routing:
     """``p = softmax(float32(z))``; top-k of p; the k weights renormalized to sum to one."""
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, num_experts_per_tok)
+    weights, experts = top_k_by_argmax(probs, num_experts_per_tok)
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(weights, experts.astype(jnp.int32), probs)
 

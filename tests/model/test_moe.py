@@ -14,6 +14,7 @@ from minimax_jax.model.moe import (
     route,
     router_z_loss,
     switch_aux_loss,
+    top_k_by_argmax,
 )
 from tests.model import numpy_reference as ref
 
@@ -35,6 +36,17 @@ def _weights(seed, num_experts=5, hidden=12, inter=7):
               for _ in range(2))
     w2 = jnp.asarray(rng.standard_normal((num_experts, inter, hidden)) / np.sqrt(inter), jnp.float32)
     return w1, w3, w2
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_top_k_by_argmax_equals_top_k_with_ties(k):
+    """Values, indices (ties: lower index first) and the gradient of the values equal ``jax.lax.top_k``."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 4, (64, 7)), jnp.float32)  # many ties
+    for got, want in zip(top_k_by_argmax(x, k), jax.lax.top_k(x, k), strict=True):
+        np.testing.assert_array_equal(got, want)
+    ct = jnp.arange(64 * k, dtype=jnp.float32).reshape(64, k)
+    grad = jax.grad(lambda x_, f: jnp.sum(f(x_, k)[0] * ct), argnums=0)
+    np.testing.assert_array_equal(grad(x, top_k_by_argmax), grad(x, jax.lax.top_k))
 
 
 def test_route_renormalizes_top_k_of_fp32_softmax():
