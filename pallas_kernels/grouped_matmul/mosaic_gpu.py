@@ -57,6 +57,7 @@ def _used_rows_only(out, used_rows):
 
 
 def _smem_transforms(minor_bytes: int):
+    """Tiling and swizzle of a shared-memory block of 16-bit elements whose minor dimension has ``minor_bytes``."""
     swizzle = plgpu.find_swizzle(minor_bytes * 8)
     return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
 
@@ -81,6 +82,19 @@ def _store(result, out_smem, wg, out_ref):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
                                     out_ref.at[pl.ds(i * _EPILOGUE, _EPILOGUE), pl.ds(j * _EPILOGUE, _EPILOGUE)])
+
+
+def _accumulate_then_store(shape, out_smem, wg, out_ref, dtype):
+    """A pipeline's compute context: runs the pipeline into a fresh fp32 accumulator of ``shape``, then writes it to
+    ``out_ref`` in ``dtype``."""
+
+    def compute(run_pipeline):
+        @functools.partial(pl.run_scoped, acc=plgpu.ACC(shape, jnp.float32))
+        def accumulate(acc):
+            run_pipeline(acc)
+            _store(acc[...].astype(dtype), out_smem, wg, out_ref)
+
+    return compute
 
 
 def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_groups, tile_m, tile_n, tile_k,
@@ -128,12 +142,8 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
                 plgpu.wgmma_wait(0)
                 return acc
 
-            def compute(run_pipeline):
-                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                def accumulate(acc):
-                    run_pipeline(acc)
-                    _store(acc[...].astype(out_gmem.dtype), out_smem, wg, out_gmem.at[cta_rows, cta_cols].at[wg_rows])
-
+            compute = _accumulate_then_store((tile_m, tile_n), out_smem, wg,
+                                             out_gmem.at[cta_rows, cta_cols].at[wg_rows], out_gmem.dtype)
             weights = w_gmem.at[jnp.minimum(group, num_groups - 1)]
             weights = weights.at[cta_cols, :] if transpose_w else weights.at[:, cta_cols]
 
@@ -208,11 +218,7 @@ def _tgmm_kernel(group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k
                 plgpu.wgmma_wait(0)
                 return acc
 
-            def compute(run_pipeline):
-                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_k, tile_n), jnp.float32))
-                def accumulate(acc):
-                    run_pipeline(acc)
-                    _store(acc[...].astype(out_gmem.dtype), out_smem, wg, out_block.at[:, wg_cols])
+            compute = _accumulate_then_store((tile_k, tile_n), out_smem, wg, out_block.at[:, wg_cols], out_gmem.dtype)
 
             @pl.when(steps > 0)
             def _():
