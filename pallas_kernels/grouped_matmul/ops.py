@@ -13,10 +13,9 @@ Gradients flow to ``x`` and ``w``; ``tile_group`` is a constant.
 Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``xla`` (``jax.lax.ragged_dot`` on
 the padded group sizes: the fast path on CPU and TPU), ``triton`` (Pallas-Triton kernels, ``triton_kernels.py``,
 behind one custom_vjp: ``dx = gmm(dy, w^T)``, ``dw = tgmm(x, dy)``). ``mosaic_gpu`` (Hopper: warp-specialized
-Mosaic-GPU kernels, ``mosaic_gpu.py``, same custom_vjp structure). ``auto``:
-mosaic_gpu on Hopper, triton on other GPUs, each falling back (mosaic_gpu -> triton -> xla) for shapes it does not
-take, and Triton inside ``jax.shard_map`` (see
-``pallas_kernels/manual_axes.py``); xla on CPU/TPU.
+Mosaic-GPU kernels, ``mosaic_gpu.py``, same custom_vjp structure). ``auto``: mosaic_gpu on Hopper, triton on other
+GPUs, each falling back (mosaic_gpu -> triton -> xla) for shapes it does not take, and Triton inside
+``jax.shard_map`` (see ``pallas_kernels/manual_axes.py``); xla on CPU/TPU.
 """
 
 from __future__ import annotations
