@@ -149,9 +149,11 @@ def _combine_rows_bwd(res, dy):
     num_tokens, k = weights.shape
     slot = layout.slot_of_row  # S (no slot) on padding rows: gathers below give zeros there
     row_weight = _take(weights.reshape(-1), slot).astype(rows.dtype)
-    d_rows = _take(dy.astype(rows.dtype), slot // k) * row_weight[:, None]
-    slot_rows = _take(rows, layout.row_of_slot).reshape(num_tokens, k, -1)
-    d_weights = jnp.sum(slot_rows.astype(jnp.float32) * dy.astype(jnp.float32)[:, None, :], axis=-1)
+    dy_rows = _take(dy.astype(rows.dtype), slot // k)  # each row's token gradient, read once for both results
+    d_rows = dy_rows * row_weight[:, None]
+    # the weights' gradient <rows[r], dy[token]> per row, in row order like d_rows (one pass), then per slot
+    d_weight_rows = jnp.sum(rows.astype(jnp.float32) * dy_rows.astype(jnp.float32), axis=-1)
+    d_weights = _take(d_weight_rows, layout.row_of_slot).reshape(num_tokens, k)  # a slot of no group: 0
     return like_primal(d_rows, rows), None, like_primal(d_weights.astype(weights.dtype), weights)
 
 
