@@ -75,9 +75,9 @@ def official_tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
         add("block_sparse_moe.gate.weight", ("moe", "router"), (num_experts, hidden), True)
         for e in range(num_experts):
             expert = f"block_sparse_moe.experts.{e}"
-            add(f"{expert}.w1.weight", ("moe", "w1"), (inter, hidden), True, index=group + (e,))
+            add(f"{expert}.w1.weight", ("moe", "w13"), (inter, hidden), True, index=group + (e, 0))
             add(f"{expert}.w2.weight", ("moe", "w2"), (hidden, inter), True, index=group + (e,))
-            add(f"{expert}.w3.weight", ("moe", "w3"), (inter, hidden), True, index=group + (e,))
+            add(f"{expert}.w3.weight", ("moe", "w13"), (inter, hidden), True, index=group + (e, 1))
     mappings.append(TensorMapping("model.norm.weight", ("final_norm", "weight"), (), (hidden,), False))
     mappings.append(TensorMapping("lm_head.weight", ("lm_head",), (), (config.vocab_size, hidden), True))
     return mappings

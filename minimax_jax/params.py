@@ -13,7 +13,7 @@ from minimax_jax.model.transformer import MiniMaxForCausalLM
 # Parameters outside the per-token compute path, excluded from the active count.
 _EMBEDDING_PARAMS = {("embed_tokens",), ("lm_head",)}
 # Routed-expert weights: a token uses k of E experts.
-_EXPERT_PARAM_NAMES = {"w1", "w2", "w3"}
+_EXPERT_PARAM_NAMES = {"w13", "w2"}
 
 
 class ParamCounts(NamedTuple):

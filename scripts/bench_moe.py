@@ -54,17 +54,17 @@ def time_ms(fn: Callable, *args) -> float:
     return median_ms(fn, *args, trials=FLAGS.trials, min_trial_s=FLAGS.min_trial_s)
 
 
-def dropless_moe(x, router, w1, w3, w2, backend="auto"):
+def dropless_moe(x, router, w13, w2, backend="auto"):
     routing = route(x @ router, FLAGS.top_k)
-    return dropless_experts(x, routing, w1, w3, w2, backend=backend)
+    return dropless_experts(x, routing, w13, w2, backend=backend)
 
 
-def dropless_triton(x, router, w1, w3, w2):
-    return dropless_moe(x, router, w1, w3, w2, backend="triton")
+def dropless_triton(x, router, w13, w2):
+    return dropless_moe(x, router, w13, w2, backend="triton")
 
 
-def dropless_xla(x, router, w1, w3, w2):
-    return dropless_moe(x, router, w1, w3, w2, backend="xla")
+def dropless_xla(x, router, w13, w2):
+    return dropless_moe(x, router, w13, w2, backend="xla")
 
 
 def layout_rows(x, router, num_experts: int, tile: int):
@@ -73,13 +73,12 @@ def layout_rows(x, router, num_experts: int, tile: int):
     return layout, to_rows(x, layout, FLAGS.top_k)
 
 
-def tune(x, router, w1) -> list[str]:
+def tune(x, router, w13) -> list[str]:
     """Sweeps gmm (forward + input gradient) and tgmm (weight gradient) launch shapes on this run's layout; sets
     ``gmm_ops.TUNING`` to the fastest of each and returns report lines."""
     tile = gmm_ops.TUNING["tile"]
-    layout, rows = layout_rows(x, router, w1.shape[0], tile)
-    w13 = jnp.concatenate([w1, w1], axis=-1)
-    dy = jnp.ones((rows.shape[0], w13.shape[-1]), x.dtype)
+    layout, rows = layout_rows(x, router, w13.shape[0], tile)
+    dy = jnp.ones((rows.shape[0], 2 * w13.shape[-1]), x.dtype)
     lines = []
 
     def best(name, grid, fn):
@@ -105,40 +104,41 @@ def tune(x, router, w1) -> list[str]:
     return lines
 
 
-def matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak) -> str:
+def matmuls_only_row(x, router, w13, w2, model_flops, peak) -> str:
     """The default path's expert matmuls alone (forward+backward on a prebuilt layout): what routing, layout,
     gathers and the SwiGLU elementwise add on top of them is the difference to the full MoE row."""
     tile = gmm_ops.tile_rows()
-    layout, rows = layout_rows(x, router, w1.shape[0], tile)
-    inter = w1.shape[-1]
+    layout, rows = layout_rows(x, router, w13.shape[0], tile)
+    inter = w13.shape[-1]
 
-    def matmuls(rows_, w1_, w3_, w2_):
-        gate_up = grouped_matmul(rows_, jnp.concatenate([w1_, w3_], -1), layout.tile_group, tile=tile)
+    def matmuls(rows_, w13_, w2_):
+        gate_up = grouped_matmul(rows_, w13_, layout.tile_group, tile=tile)
         return grouped_matmul(gate_up[:, :inter], w2_, layout.tile_group, tile=tile)
 
-    def grads(rows_, ct, w1_, w3_, w2_):
-        return jax.vjp(matmuls, rows_, w1_, w3_, w2_)[1](ct)
+    def grads(rows_, ct, w13_, w2_):
+        out, vjp = jax.vjp(matmuls, rows_, w13_, w2_)
+        return out, vjp(ct)
 
     ct = jnp.ones((rows.shape[0], x.shape[1]), x.dtype)
-    ms = time_ms(jax.jit(grads), rows, ct, w1, w3, w2)
+    ms = time_ms(jax.jit(grads), rows, ct, w13, w2)
     tflops = model_flops / ms / 1e9
     return f"| expert matmuls only (3 grouped matmuls fwd+bwd, prebuilt layout) | {ms:.3f} | {tflops:.1f} | " \
            f"{tflops / peak:.1%} |"
 
 
-def check(x, router, w1, w3, w2, cotangent) -> str:
-    """Largest relative difference (over output and the 5 gradients) of the default path against ragged_dot."""
+def check(x, router, w13, w2, cotangent) -> str:
+    """Largest relative difference (over output and the 4 gradients) of the default path against ragged_dot."""
     def grads(fn):
-        return forward_backward(fn, 4)(x, cotangent, router, w1, w3, w2)
+        return forward_backward(fn)(x, cotangent, router, w13, w2)[1]
 
     def rel(a, b):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
-    out = rel(jax.jit(dropless_moe)(x, router, w1, w3, w2), jax.jit(dropless_xla)(x, router, w1, w3, w2))
+    out = rel(jax.jit(dropless_moe)(x, router, w13, w2), jax.jit(dropless_xla)(x, router, w13, w2))
     errors = [rel(a, b) for a, b in zip(grads(dropless_moe), grads(dropless_xla), strict=True)]
-    return (f"Check against the ragged_dot backend ({FLAGS.dtype}): output {out:.2e}; gradients x, router, w1, w3, "
-            f"w2: {', '.join(f'{e:.2e}' for e in errors)}.")
+    return (f"Check against the ragged_dot backend ({FLAGS.dtype}): output {out:.2e}; gradients x, router, w13, w2: "
+            f"{', '.join(f'{e:.2e}' for e in errors)}.")
 
 
 def dense_equivalent(x, w1, w3, w2):
@@ -146,10 +146,10 @@ def dense_equivalent(x, w1, w3, w2):
     return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
 
-def one_hot_dispatch(x, router, w1, w3, w2):
+def one_hot_dispatch(x, router, w13, w2):
     """GShard-style: tokens in groups, one-hot [group, slot, expert, capacity] dispatch and combine einsums."""
     tokens, hidden = x.shape
-    experts, k, group = w1.shape[0], FLAGS.top_k, FLAGS.group_size
+    experts, k, group = w13.shape[0], FLAGS.top_k, FLAGS.group_size
     capacity = max(1, int(np.ceil(group * k / experts * FLAGS.capacity_factor)))
     routing = route(x @ router, k)
     xg = x.reshape(-1, group, hidden)
@@ -163,22 +163,24 @@ def one_hot_dispatch(x, router, w1, w3, w2):
     weights = routing.weights.reshape(-1, group, k).astype(x.dtype)
     combine = jnp.einsum("gske,gskc,gsk->gsec", keep.astype(x.dtype), slot, weights)
     buffers = jnp.einsum("gsec,gsd->egcd", dispatch, xg)
-    h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", buffers, w1)) * jnp.einsum("egcd,edf->egcf", buffers, w3)
+    gate_up = jnp.einsum("egcd,esdf->segcf", buffers, w13)
+    h = jax.nn.silu(gate_up[0]) * gate_up[1]
     out = jnp.einsum("egcf,efd->egcd", h, w2)
     dropped = routing.experts.size - jnp.sum(keep)
     return jnp.einsum("egcd,gsec->gsd", out, combine).reshape(tokens, hidden), dropped
 
 
-def forward_backward(fn: Callable, num_weights: int) -> Callable:
-    """jit of the gradients of ``fn(x, *w)`` with respect to x and every weight for the upstream gradient
-    ``cotangent`` (in the compute dtype, as a bf16 model's backward pass hands it to the layer)."""
-    def grads(x, cotangent, *weights):
+def forward_backward(fn: Callable) -> Callable:
+    """jit of ``fn(x, *w)`` and its gradients with respect to x and every weight for the upstream gradient
+    ``cotangent`` (in the compute dtype, as a bf16 model's backward pass hands it to the layer). The output is
+    returned too: a model's next layer needs it, and without it XLA would drop the forward's last step."""
+    def value_and_grads(x, cotangent, *weights):
         def layer(x_, *w):
             y = fn(x_, *w)
             return y[0] if isinstance(y, tuple) else y
-        _, vjp = jax.vjp(layer, x, *weights)
-        return vjp(cotangent)
-    return jax.jit(grads)
+        y, vjp = jax.vjp(layer, x, *weights)
+        return y, vjp(cotangent)
+    return jax.jit(value_and_grads)
 
 
 def profile(fn: Callable, args: tuple, directory: str) -> None:
@@ -206,7 +208,7 @@ def main(argv) -> None:
     x = normal(keys[0], (tokens, hidden), 1.0)
     cotangent = jax.random.normal(keys[1], (tokens, hidden), jnp.float32).astype(dtype)
     router = normal(keys[2], (hidden, experts), FLAGS.router_skew / np.sqrt(hidden))
-    w1, w3 = (normal(keys[i], (experts, hidden, inter), hidden ** -0.5) for i in (3, 4))
+    w13 = normal(keys[3], (experts, 2, hidden, inter), hidden ** -0.5)
     w2 = normal(keys[5], (experts, inter, hidden), inter ** -0.5)
     d1, d3 = (normal(keys[i], (hidden, k * inter), hidden ** -0.5) for i in (6, 7))
     d2 = normal(keys[0], (k * inter, hidden), inter ** -0.5)
@@ -216,21 +218,21 @@ def main(argv) -> None:
     matmul_ms = time_ms(jax.jit(lambda a, b: a @ b), a, b)
     peak = 2 * n ** 3 / matmul_ms / 1e9  # TFLOP/s
 
-    tune_lines = tune(x, router, w1) if FLAGS.tune else []
-    check_line = check(x, router, w1, w3, w2, cotangent) if FLAGS.check else ""
+    tune_lines = tune(x, router, w13) if FLAGS.tune else []
+    check_line = check(x, router, w13, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
     counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)
-    _, dropped = jax.jit(one_hot_dispatch)(x, router, w1, w3, w2)
-    rows = [matmuls_only_row(x, router, w1, w3, w2, cotangent, model_flops, peak)]
+    _, dropped = jax.jit(one_hot_dispatch)(x, router, w13, w2)
+    rows = [matmuls_only_row(x, router, w13, w2, model_flops, peak)]
     for name, fn, args in (
             (f"dropless MoE, grouped matmul backend {gmm_ops.resolve_backend('auto')}", dropless_moe,
-             (router, w1, w3, w2)),
-            ("dropless MoE, grouped matmul backend triton", dropless_triton, (router, w1, w3, w2)),
-            ("dropless MoE, grouped matmul backend xla (ragged_dot)", dropless_xla, (router, w1, w3, w2)),
+             (router, w13, w2)),
+            ("dropless MoE, grouped matmul backend triton", dropless_triton, (router, w13, w2)),
+            ("dropless MoE, grouped matmul backend xla (ragged_dot)", dropless_xla, (router, w13, w2)),
             ("dense-equivalent SwiGLU (width k*inter)", dense_equivalent, (d1, d3, d2)),
             (f"one-hot dispatch einsum (capacity factor {FLAGS.capacity_factor:g})", one_hot_dispatch,
-             (router, w1, w3, w2))):
-        ms = time_ms(forward_backward(fn, len(args)), x, cotangent, *args)
+             (router, w13, w2))):
+        ms = time_ms(forward_backward(fn), x, cotangent, *args)
         tflops = model_flops / ms / 1e9
         rows.append(f"| {name} | {ms:.3f} | {tflops:.1f} | {tflops / peak:.1%} |")
 
@@ -251,7 +253,7 @@ def main(argv) -> None:
           if tune_lines else []),
     ]
     if FLAGS.profile_dir:
-        profile(forward_backward(dropless_moe, 4), (x, cotangent, router, w1, w3, w2), FLAGS.profile_dir)
+        profile(forward_backward(dropless_moe), (x, cotangent, router, w13, w2), FLAGS.profile_dir)
     table = "\n".join(lines)
     print(table)
     if FLAGS.out_md:

@@ -16,10 +16,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels.lightning as lightning_kernels
 from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
-from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.params_init import normal_param, ones_param
+from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

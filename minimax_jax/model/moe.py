@@ -10,10 +10,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.moe_dispatch import combine_rows, tile_layout, to_rows
 from minimax_jax.model.params_init import normal_param
-from pallas_kernels.grouped_matmul import grouped_matmul, tile_rows
+from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_swiglu, tile_rows
 
 
 class Routing(NamedTuple):
@@ -69,39 +69,37 @@ def router_z_loss(router_logits: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)))
 
 
-def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
-                  tile: int, backend: str = "auto") -> jax.Array:
+def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w13: jax.Array, w2: jax.Array, *, tile: int,
+                  backend: str = "auto") -> jax.Array:
     """``W2_e(silu(W1_e x) * (W3_e x))`` on a tile-aligned layout: row tile i belongs to expert ``tile_group[i]``.
 
-    W1 and W3 run as one grouped matmul of twice the width (one pass over the rows). w1, w3:
-    ``[E, hidden, inter]``; w2: ``[E, inter, hidden]``; rows ``[R, hidden]``, padding rows give zeros.
+    W1 and W3 run as one grouped matmul of twice the width (one pass over the rows), with the SwiGLU fused into
+    it on Hopper (``grouped_swiglu``). w13: ``[E, 2, hidden, inter]`` (``w13[e, 0]`` is W1_e, ``w13[e, 1]`` W3_e,
+    each as ``[hidden, inter]``); w2: ``[E, inter, hidden]``; rows ``[R, hidden]``, padding rows give zeros.
     """
-    inter = w1.shape[-1]
-    gate_up = grouped_matmul(rows, jnp.concatenate([w1, w3], axis=-1), tile_group, tile=tile, backend=backend)
-    gate_up = checkpoint_name(gate_up, KERNEL_OUTPUT)  # remat policies may keep it (not an XLA dot)
-    hidden = jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    hidden = grouped_swiglu(rows, w13, tile_group, tile=tile, backend=backend)
     return checkpoint_name(grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend), KERNEL_OUTPUT)
 
 
-def dropless_experts(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+def dropless_experts(x: jax.Array, routing: Routing, w13: jax.Array, w2: jax.Array, *,
                      backend: str = "auto") -> jax.Array:
     """``sum_k w_k * W2_{e_k}(silu(W1_{e_k} x) * (W3_{e_k} x))`` with no capacity limit.
 
     The T*k (token, expert) slots are placed by expert on a tile-aligned layout (``moe_dispatch``), the experts run
     as grouped matmuls (``pallas_kernels.grouped_matmul``: Mosaic-GPU kernels on Hopper, Pallas-Triton on other
-    GPUs, ``ragged_dot`` elsewhere), and
-    each token's results are gathered back and combined with its routing weights.
+    GPUs, ``ragged_dot`` elsewhere), and each token's results are gathered back and combined with its routing
+    weights.
 
     Args:
-      x: ``[T, hidden]``; w1, w3: ``[E, hidden, inter]``; w2: ``[E, inter, hidden]``.
+      x: ``[T, hidden]``; w13: ``[E, 2, hidden, inter]`` (W1 and W3 stacked); w2: ``[E, inter, hidden]``.
       backend: the grouped-matmul backend (``pallas_kernels.grouped_matmul.BACKENDS``).
     """
     k, tile = routing.experts.shape[-1], tile_rows(backend)
     with jax.named_scope("dispatch"):
-        layout = tile_layout(routing.experts.reshape(-1), w1.shape[0], tile)
+        layout = tile_layout(routing.experts.reshape(-1), w13.shape[0], tile)
         rows = to_rows(x, layout, k)
     with jax.named_scope("experts"):
-        out = expert_swiglu(rows, layout.tile_group, w1, w3, w2, tile=tile, backend=backend)
+        out = expert_swiglu(rows, layout.tile_group, w13, w2, tile=tile, backend=backend)
     with jax.named_scope("combine"):
         return combine_rows(out, layout, routing.weights)
 
@@ -126,17 +124,17 @@ class MoE(nnx.Module):
         self.num_experts_per_tok = config.num_experts_per_tok
         self.dtype = dtype
         self.router = normal_param(rngs, (hidden, num_experts), param_dtype, ("embed", None))
-        self.w1 = normal_param(rngs, (num_experts, hidden, inter), param_dtype, ("expert", "embed", "mlp"))
-        self.w3 = normal_param(rngs, (num_experts, hidden, inter), param_dtype, ("expert", "embed", "mlp"))
+        # W1 (gate) and W3 (up) of each expert stacked: the grouped matmul reads both in one pass, no copy
+        self.w13 = normal_param(rngs, (num_experts, 2, hidden, inter), param_dtype, ("expert", None, "embed", "mlp"))
         self.w2 = normal_param(rngs, (num_experts, inter, hidden), param_dtype, ("expert", "mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> MoEOutput:
-        router, w1, w3, w2 = (p[...].astype(self.dtype) for p in (self.router, self.w1, self.w3, self.w2))
+        router, w13, w2 = (p[...].astype(self.dtype) for p in (self.router, self.w13, self.w2))
         x = x.astype(self.dtype)
         if not jax.sharding.get_abstract_mesh().empty:
             from minimax_jax.parallel.expert_parallel import expert_parallel_moe  # parallel/ builds on this module
 
-            y, stats = expert_parallel_moe(x, router, w1, w3, w2, num_experts_per_tok=self.num_experts_per_tok)
+            y, stats = expert_parallel_moe(x, router, w13, w2, num_experts_per_tok=self.num_experts_per_tok)
             return MoEOutput(y, stats.aux_loss, stats.expert_counts, stats.z_loss)
         batch, seq, hidden = x.shape
         tokens = x.reshape(batch * seq, hidden)
@@ -145,5 +143,5 @@ class MoE(nnx.Module):
             routing = route(logits, self.num_experts_per_tok)
             counts = expert_token_counts(routing.experts, router.shape[-1])
             aux_loss, z_loss = switch_aux_loss(routing.probs, routing.experts), router_z_loss(logits)
-        y = dropless_experts(tokens, routing, w1, w3, w2)
+        y = dropless_experts(tokens, routing, w13, w2)
         return MoEOutput(y.reshape(batch, seq, hidden), aux_loss, counts, z_loss)

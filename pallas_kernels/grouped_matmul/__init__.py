@@ -1,5 +1,7 @@
-"""Grouped matmul over tile-aligned row groups (MoE experts) with XLA and Pallas-Triton backends."""
+"""Grouped matmul over tile-aligned row groups (MoE experts): XLA, Pallas-Triton and Mosaic-GPU (Hopper) backends,
+and the experts' SwiGLU fused onto it."""
 
-from pallas_kernels.grouped_matmul.ops import BACKENDS, grouped_matmul, resolve_backend, tile_rows
+from pallas_kernels.grouped_matmul.ops import BACKENDS, grouped_matmul, grouped_swiglu, resolve_backend, tile_rows
+from pallas_kernels.grouped_matmul.swiglu import swiglu, swiglu_grad
 
-__all__ = ["BACKENDS", "grouped_matmul", "resolve_backend", "tile_rows"]
+__all__ = ["BACKENDS", "grouped_matmul", "grouped_swiglu", "resolve_backend", "swiglu", "swiglu_grad", "tile_rows"]

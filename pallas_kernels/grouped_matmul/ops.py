@@ -4,10 +4,12 @@
 
     out[i*tile:(i+1)*tile] = x[i*tile:(i+1)*tile] @ w[tile_group[i]]      (zeros where tile_group[i] == G)
 
-with ``x [R, K]``, ``w [G, K, N]``, ``R`` a multiple of ``tile`` and ``tile_group`` int32 ``[R // tile]``
-NON-DECREASING, the value ``G`` marking unused tiles (which therefore come last). This is the MoE expert matmul
-on a tile-aligned layout: each expert's rows padded to whole tiles (the caller builds the layout once per layer,
-see ``minimax_jax/model/moe_dispatch.py``), so no tile straddles two experts and no kernel needs a row mask.
+with ``x [R, K]``, ``w [G, K, N]`` (or S stacked matrices ``[G, S, K, N]`` whose products sit side by side:
+``w[g]`` reads as ``[w[g, 0] | ... | w[g, S-1]]``, ``[K, S*N]``), ``R`` a multiple of ``tile`` and ``tile_group``
+int32 ``[R // tile]`` NON-DECREASING, the value ``G`` marking unused tiles (which therefore come last). This is
+the MoE expert matmul on a tile-aligned layout: each expert's rows padded to whole tiles (the caller builds the
+layout once per layer, see ``minimax_jax/model/moe_dispatch.py``), so no tile straddles two experts and no kernel
+needs a row mask.
 Gradients flow to ``x`` and ``w``; ``tile_group`` is a constant.
 
 Backends: ``reference`` (per-tile einsum with gathered weights, the oracle), ``xla`` (``jax.lax.ragged_dot`` on
@@ -24,8 +26,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
 from pallas_kernels.grouped_matmul import triton_kernels as tk
+from pallas_kernels.grouped_matmul.swiglu import swiglu, swiglu_grad
 from pallas_kernels.manual_axes import like_primal, to_union, union_axes
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic_gpu")
@@ -68,10 +73,11 @@ def tile_rows(backend: str = "auto") -> int:
 
 
 def _validate(x, w, tile_group, tile) -> None:
-    if x.ndim != 2 or w.ndim != 3:
-        raise ValueError(f"grouped_matmul: x must be [rows, k] and w [groups, k, n], got {x.shape} and {w.shape}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped_matmul: x has depth {x.shape[1]} but w {w.shape} has depth {w.shape[1]}")
+    if x.ndim != 2 or w.ndim not in (3, 4):
+        raise ValueError(f"grouped_matmul: x must be [rows, k] and w [groups, k, n] or [groups, stacks, k, n], got "
+                         f"{x.shape} and {w.shape}")
+    if x.shape[1] != w.shape[-2]:
+        raise ValueError(f"grouped_matmul: x has depth {x.shape[1]} but w {w.shape} has depth {w.shape[-2]}")
     if x.shape[0] % tile:
         raise ValueError(f"grouped_matmul: rows {x.shape[0]} are not a multiple of the tile {tile}")
     if tile_group.shape != (x.shape[0] // tile,):
@@ -79,6 +85,14 @@ def _validate(x, w, tile_group, tile) -> None:
                          f"and tile {tile}, got {tile_group.shape}")
     if x.dtype != w.dtype:
         raise ValueError(f"grouped_matmul: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+
+
+def _side_by_side(w):
+    """Stacked weights ``[G, S, K, N]`` as the ``[G, K, S*N]`` matrices they stand for (a copy); 3-D ``w`` as is."""
+    if w.ndim == 3:
+        return w
+    groups, stacks, depth, width = w.shape
+    return jnp.moveaxis(w, 1, 2).reshape(groups, depth, stacks * width)
 
 
 def _reference(x, w, tile_group, tile):
@@ -125,6 +139,7 @@ def _padded_group_sizes(tile_group, num_groups, tile):
 
 @jax.custom_vjp
 def _mosaic_gpu(x, w, group_sizes):
+    """``w [G, S, K, N]``: the kernels read stacked weights in place."""
     from pallas_kernels.grouped_matmul import mosaic_gpu  # imports Mosaic GPU: only when asked for
 
     return mosaic_gpu.gmm(x, w, group_sizes)
@@ -140,11 +155,34 @@ def _mosaic_gpu_bwd(res, dy):
     x, w, group_sizes = res
     dy = dy.astype(x.dtype)
     dx = mosaic_gpu.gmm(dy, w, group_sizes, transpose_w=True)
-    dw = mosaic_gpu.tgmm(x, dy, group_sizes).astype(w.dtype)
+    dw = mosaic_gpu.tgmm(x, dy, group_sizes, stacks=w.shape[1]).astype(w.dtype)
     return dx, dw, None
 
 
 _mosaic_gpu.defvjp(_mosaic_gpu_fwd, _mosaic_gpu_bwd)
+
+
+@jax.custom_vjp
+def _mosaic_gpu_swiglu(x, w13, group_sizes):
+    """``swiglu(x @ [W1 | W3])`` with the SwiGLU in the forward kernel's epilogue; ``gate_up`` is kept for the
+    backward pass, which is ``_mosaic_gpu``'s with ``swiglu_grad`` in front."""
+    return _mosaic_gpu_swiglu_fwd(x, w13, group_sizes)[0]
+
+
+def _mosaic_gpu_swiglu_fwd(x, w13, group_sizes):
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    gate_up, hidden = mosaic_gpu.gmm_swiglu(x, w13, group_sizes)
+    # remat policies may keep it (a kernel output, not an XLA dot)
+    return hidden, (x, w13, checkpoint_name(gate_up, KERNEL_OUTPUT), group_sizes)
+
+
+def _mosaic_gpu_swiglu_bwd(res, d_hidden):
+    x, w13, gate_up, group_sizes = res
+    return _mosaic_gpu_bwd((x, w13, group_sizes), swiglu_grad(gate_up, d_hidden))
+
+
+_mosaic_gpu_swiglu.defvjp(_mosaic_gpu_swiglu_fwd, _mosaic_gpu_swiglu_bwd)
 
 
 def _triton_gmm(x, w, tile_group, tile, interpret, transpose_w=False):
@@ -181,12 +219,42 @@ def _triton_bwd(tile, interpret, res, dy):
 _triton.defvjp(_triton_fwd, _triton_bwd)
 
 
+def _backend_for(x, w, backend):
+    """The backend that runs ``x @ w`` (``auto`` resolved, with its fallbacks for shapes and ``jax.shard_map``)."""
+    name = resolve_backend(backend)
+    if backend == "auto" and name == "mosaic_gpu":
+        from pallas_kernels.grouped_matmul import mosaic_gpu
+
+        # the Mosaic-GPU kernels cannot declare their outputs' manual axes (shard_map with check_vma): Triton there
+        if not mosaic_gpu.fits(x.shape[1], w.shape[-1], x.dtype) or union_axes(x, w):
+            name = "triton"
+    if name == "mosaic_gpu" and union_axes(x, w):
+        raise ValueError("grouped_matmul[mosaic_gpu] cannot run inside jax.shard_map with check_vma: its kernels "
+                         "do not declare their outputs' manual axes; use backend='triton' or 'auto'")
+    return name
+
+
+def grouped_swiglu(x: jax.Array, w13: jax.Array, tile_group: jax.Array, *, tile: int, backend: str = "auto",
+                   interpret: bool | None = None) -> jax.Array:
+    """``swiglu(grouped_matmul(x, w13, ...))``: the MoE experts' ``silu(x W1) * (x W3)``, ``[R, N]`` for stacked
+    ``w13 [G, 2, K, N]``. On Hopper the SwiGLU runs in the matmul kernel's epilogue (no pass over ``[R, 2N]``)."""
+    if w13.ndim != 4 or w13.shape[1] != 2:
+        raise ValueError(f"grouped_swiglu: w13 must stack W1 and W3 as [groups, 2, k, n], got {w13.shape}")
+    _validate(x, w13, tile_group, tile)
+    if _backend_for(x, w13, backend) == "mosaic_gpu":
+        sizes = _padded_group_sizes(tile_group.astype(jnp.int32), w13.shape[0], tile)
+        return _mosaic_gpu_swiglu(x, w13, sizes)
+    gate_up = grouped_matmul(x, w13, tile_group, tile=tile, backend=backend, interpret=interpret)
+    return swiglu(checkpoint_name(gate_up, KERNEL_OUTPUT))
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: int, backend: str = "auto",
                    interpret: bool | None = None) -> jax.Array:
     """Row tile ``i`` of ``x`` times ``w[tile_group[i]]`` (module docstring); ``[R, N]`` in the dtype of ``x``.
 
     Args:
-      x: ``[R, K]`` rows, ``R`` a multiple of ``tile``; w: ``[G, K, N]`` (same dtype as x).
+      x: ``[R, K]`` rows, ``R`` a multiple of ``tile``; w: ``[G, K, N]`` or stacked ``[G, S, K, N]`` (same dtype
+        as x; the result is ``[R, S*N]``).
       tile_group: int32 ``[R // tile]``, non-decreasing, ``G`` for unused tiles.
       tile: rows per tile (``tile_rows(backend)`` is what the backend wants).
       backend: one of ``BACKENDS``.
@@ -195,24 +263,17 @@ def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: i
     """
     _validate(x, w, tile_group, tile)
     tile_group = tile_group.astype(jnp.int32)
-    name = resolve_backend(backend)
-    if backend == "auto" and name == "mosaic_gpu":
-        from pallas_kernels.grouped_matmul import mosaic_gpu
-
-        # the Mosaic-GPU kernels cannot declare their outputs' manual axes (shard_map with check_vma): Triton there
-        if not mosaic_gpu.fits(x.shape[1], w.shape[2], x.dtype) or union_axes(x, w):
-            name = "triton"
-    if name == "mosaic_gpu" and union_axes(x, w):
-        raise ValueError("grouped_matmul[mosaic_gpu] cannot run inside jax.shard_map with check_vma: its kernels "
-                         "do not declare their outputs' manual axes; use backend='triton' or 'auto'")
+    name = _backend_for(x, w, backend)
+    if name == "mosaic_gpu":
+        stacked = w if w.ndim == 4 else w[:, None]
+        return _mosaic_gpu(x, stacked, _padded_group_sizes(tile_group, w.shape[0], tile))
+    w = _side_by_side(w)
     if backend == "auto" and name == "triton" and not _triton_fits(x, w):
         name = "xla"  # widths that are not multiples of 16 (test-sized models) take ragged_dot
     if name == "reference":
         return _reference(x, w, tile_group, tile)
     if name == "xla":
         return _xla(x, w, tile_group, tile)
-    if name == "mosaic_gpu":
-        return _mosaic_gpu(x, w, _padded_group_sizes(tile_group, w.shape[0], tile))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return _triton(x, w, tile_group, tile, interpret)

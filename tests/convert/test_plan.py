@@ -16,15 +16,17 @@ def test_full_model_plan_maps_every_official_tensor_once():
     plans = conversion_plan(config, "bfloat16", mesh)
     names = [m.name for p in plans for m in p.mappings]
     assert len(names) == len(set(names)) == 8243
-    w1 = next(p for p in plans if ".".join(p.key) == "groups.layers.0.moe.w1")
-    assert w1.shape == (10, 32, 6144, 9216) and w1.spec == PartitionSpec(None, "expert", "fsdp", "tensor")
-    assert w1.chunk_shape == (1, 1, 768, 4608)
+    w13 = next(p for p in plans if ".".join(p.key) == "groups.layers.0.moe.w13")
+    assert w13.shape == (10, 32, 2, 6144, 9216)
+    assert w13.spec == PartitionSpec(None, "expert", None, "fsdp", "tensor")
+    assert w13.chunk_shape == (1, 1, 1, 768, 4608)
+    assert [m.index for m in w13.mappings[:2]] == [(0, 0, 0), (0, 0, 1)]  # expert 0's w1, then its w3
     total = sum(p.nbytes for p in plans) / 2
     assert 456.0e9 < total < 456.2e9  # 456.09B parameters
 
 
 def test_mesh_that_does_not_divide_names_the_parameter():
-    with pytest.raises(ShardingError, match=r"moe\.w1: dimension 1 'expert' of size 32"):
+    with pytest.raises(ShardingError, match=r"moe\.w13: dimension 1 'expert' of size 32"):
         conversion_plan(minimax_text_01(), "bfloat16", parse_mesh("expert=3"))
 
 
@@ -36,4 +38,4 @@ def test_dry_run_script_prints_the_full_mapping():
     assert sum(" -> " in line and line.startswith(("model.", "lm_head.weight")) for line in lines) == 8243
     assert "model.layers.79.block_sparse_moe.experts.31.w2.weight  [6144, 9216]  -> groups.layers.7.moe.w2[9][31]  T" \
         in lines
-    assert "# 83 parameters, 8243 official tensors, 912.179 GB in bfloat16" in lines
+    assert "# 75 parameters, 8243 official tensors, 912.179 GB in bfloat16" in lines

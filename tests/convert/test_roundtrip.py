@@ -75,8 +75,8 @@ def test_chunks_follow_target_mesh_and_restore_on_a_mesh(tmp_path):
     convert_hf_to_orbax(golden, str(tmp_path), mesh=mesh, progress_stream=None)
     plans = {".".join(p.key): p for p in conversion_plan(config, "bfloat16", mesh)}
     stored = ocp.StandardCheckpointer().metadata(params_dir(str(tmp_path))).item_metadata.tree
-    w1 = stored["groups"]["layers"]["0"]["moe"]["w1"]
-    assert w1.storage.chunk_shape == plans["groups.layers.0.moe.w1"].chunk_shape == (1, 1, 32, 32)
+    w13 = stored["groups"]["layers"]["0"]["moe"]["w13"]
+    assert w13.storage.chunk_shape == plans["groups.layers.0.moe.w13"].chunk_shape == (1, 1, 1, 32, 32)
     embed = stored["embed_tokens"]
     assert embed.storage.chunk_shape == (256, 32)  # hidden 64 split over fsdp=2
 
@@ -88,9 +88,9 @@ from minimax_jax.checkpoint import from_pretrained
 from minimax_jax.convert import load_model
 mesh = jax.make_mesh((2, 2), ("expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 model = load_model({str(tmp_path)!r}, mesh=mesh)
-w1 = model.groups.layers[0].moe.w1.get_value()
-assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", None), w1.sharding
-assert len(w1.addressable_shards) == 4 and w1.addressable_shards[0].data.shape == (2, 2, 32, 32)
+w13 = model.groups.layers[0].moe.w13.get_value()
+assert w13.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "fsdp", None), w13.sharding
+assert len(w13.addressable_shards) == 4 and w13.addressable_shards[0].data.shape == (2, 2, 2, 32, 32)
 expected = nnx.to_pure_dict(nnx.state(from_pretrained({golden!r}), nnx.Param))
 jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
              nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected)

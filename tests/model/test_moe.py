@@ -1,7 +1,5 @@
 """MoE: routing, dropless grouped matmuls (ragged_dot) against a per-expert reference, aux loss."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ from minimax_jax.model.moe import (
     switch_aux_loss,
     top_k_by_argmax,
 )
+from pallas_kernels.grouped_matmul import swiglu
 from tests.model import numpy_reference as ref
 
 
@@ -49,6 +48,21 @@ def test_top_k_by_argmax_equals_top_k_with_ties(k):
     np.testing.assert_array_equal(grad(x, top_k_by_argmax), grad(x, jax.lax.top_k))
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_swiglu_value_and_gradient_equal_autodiff_of_the_formula(dtype, tol):
+    gate_up = jnp.asarray(np.random.default_rng(1).standard_normal((6, 2 * 5)) * 3, dtype)
+    d_hidden = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)), dtype)
+
+    def formula(h):
+        return jax.nn.silu(h[:, :5].astype(jnp.float32)) * h[:, 5:].astype(jnp.float32)
+
+    np.testing.assert_allclose(np.asarray(swiglu(gate_up), np.float32), formula(gate_up), rtol=tol, atol=tol)
+    got = jax.vjp(swiglu, gate_up)[1](d_hidden)[0]
+    want = jax.vjp(formula, gate_up)[1](d_hidden.astype(jnp.float32))[0]
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+
+
 def test_route_renormalizes_top_k_of_fp32_softmax():
     logits = jnp.asarray([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 5.0]], jnp.bfloat16)
     routing = route(logits, 2)
@@ -69,7 +83,7 @@ def test_dropless_equals_per_expert_loop_with_uneven_loads_and_empty_experts(bac
     routing = Routing(weights, experts, jnp.full((9, 5), 0.2))
     w1, w3, w2 = _weights(1, hidden=hidden, inter=inter)
     np.testing.assert_array_equal(np.asarray(expert_token_counts(experts, 5)), [8, 5, 5, 0, 0])
-    out = dropless_experts(x, routing, w1, w3, w2, backend=backend)
+    out = dropless_experts(x, routing, jnp.stack([w1, w3], axis=1), w2, backend=backend)
     np.testing.assert_allclose(np.asarray(out), np.asarray(per_expert_reference(x, routing, w1, w3, w2)),
                                rtol=1e-5, atol=1e-4)
 
@@ -82,10 +96,12 @@ def test_dropless_gradients_equal_reference_gradients(backend):
     routing = route(jnp.asarray(rng.standard_normal((6, 5)), jnp.float32), 2)
     w = _weights(3, hidden=hidden, inter=inter)
 
+    def dropless(x, routing, w1, w3, w2):  # the stacking's gradient splits dw13 into dw1, dw3
+        return dropless_experts(x, routing, jnp.stack([w1, w3], axis=1), w2, backend=backend)
+
     def loss(fn, x, w1, w3, w2):
         return jnp.sum(jnp.sin(fn(x, routing, w1, w3, w2)))
 
-    dropless = functools.partial(dropless_experts, backend=backend)
     got = jax.grad(lambda *a: loss(dropless, *a), argnums=(0, 1, 2, 3))(x, *w)
     want = jax.grad(lambda *a: loss(per_expert_reference, *a), argnums=(0, 1, 2, 3))(x, *w)
     for g, r in zip(got, want, strict=True):
@@ -98,7 +114,7 @@ def test_routing_and_experts_match_numpy_per_token_moe():
     gate = rng.standard_normal((5, 12)).astype(np.float32)
     w1, w3, w2 = (np.asarray(a) for a in _weights(5))
     routing = route(jnp.asarray(x) @ jnp.asarray(gate.T), 2)
-    out = dropless_experts(jnp.asarray(x), routing, jnp.asarray(w1), jnp.asarray(w3), jnp.asarray(w2))
+    out = dropless_experts(jnp.asarray(x), routing, jnp.stack([w1, w3], axis=1), jnp.asarray(w2))
     # numpy per-token loop takes official layouts: w1/w3 [E, inter, hidden], w2 [E, hidden, inter].
     y, probs, counts = ref.moe(x.astype(np.float64), gate, w1.transpose(0, 2, 1), w2.transpose(0, 2, 1),
                              w3.transpose(0, 2, 1), 2)

@@ -23,6 +23,8 @@ from minimax_jax.model.moe_dispatch import (
     ([1, 1, 1, 1, 1], 2, 2),  # group 0 empty
     ([0, 3, 1, 3, 3, 0], 3, 8),  # 3 = no group (two slots)
     ([5, 5], 5, 4),  # nothing assigned
+    ([255, 0, 254, 255, 0], 255, 2),  # uint8 sort keys: 255 = no group still sorts last
+    ([300, 256, 0, 299, 256, 300], 300, 2),  # more groups than uint8 holds: uint16 keys
 ])
 def test_layout_places_each_slot_once_in_its_groups_tiles(groups, num_groups, tile):
     layout = tile_layout(jnp.asarray(groups), num_groups, tile)

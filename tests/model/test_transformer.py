@@ -84,9 +84,9 @@ def test_params_carry_logical_axis_names_with_a_stacked_layers_axis(abstract_tin
     layer = abstract_tiny.groups.layers[0]
     assert abstract_tiny.embed_tokens.get_metadata()["out_sharding"] == ("vocab", "embed")
     assert abstract_tiny.lm_head.get_metadata()["out_sharding"] == ("embed", "vocab")
-    assert layer.moe.w1.get_metadata()["out_sharding"] == ("layers", "expert", "embed", "mlp")
-    assert layer.moe.w1.get_value().shape == (groups, tiny_config.num_local_experts, tiny_config.hidden_size,
-                                              tiny_config.intermediate_size)
+    assert layer.moe.w13.get_metadata()["out_sharding"] == ("layers", "expert", None, "embed", "mlp")
+    assert layer.moe.w13.get_value().shape == (groups, tiny_config.num_local_experts, 2, tiny_config.hidden_size,
+                                               tiny_config.intermediate_size)
     assert layer.mixer.qkv_proj.get_metadata()["out_sharding"][0] == "layers"
     last = abstract_tiny.groups.layers[tiny_config.layer_group_size - 1]
     assert last.mixer.k_proj.get_metadata()["out_sharding"] == ("layers", "embed", "kv_heads", "head_dim")
@@ -101,7 +101,8 @@ def test_random_init_is_normal_002_with_unit_norms():
     assert embed.std() == pytest.approx(0.02, rel=0.05) and abs(embed.mean()) < 1e-3
     np.testing.assert_array_equal(np.asarray(model.final_norm.weight[...]), 1.0)
     np.testing.assert_array_equal(np.asarray(model.groups.layers[0].mixer.norm[...]), 1.0)
-    w1 = np.asarray(model.groups.layers[0].moe.w1[...])
-    assert not np.allclose(w1[0], w1[1]), "layer groups must get different random weights"
+    w13 = np.asarray(model.groups.layers[0].moe.w13[...])
+    assert not np.allclose(w13[0], w13[1]), "layer groups must get different random weights"
+    assert not np.allclose(w13[:, :, 0], w13[:, :, 1]), "W1 and W3 must get different random weights"
     assert jax.tree.reduce(lambda a, b: a and b, jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))),
                                                               nnx.state(model)))

@@ -3,6 +3,8 @@ and unused tiles; bad input is refused; the Triton kernels lower for CUDA from C
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh, AxisType
 
-from pallas_kernels.grouped_matmul import grouped_matmul, mosaic_gpu
+from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_swiglu, mosaic_gpu, swiglu
 from pallas_kernels.grouped_matmul.ops import _is_hopper
 from tests.pallas_kernels.test_export import H100
 
@@ -59,6 +62,23 @@ def test_backend_equals_reference(backend, dtype, tile_group, tile, k, n):
     assert not np.any(np.asarray(got[1])[unused]), "unused tiles get no gradient"
     empty = sorted(set(range(4)) - set(tile_group))
     assert not np.any(np.asarray(got[2])[empty]), "a group without rows gets a zero weight gradient"
+
+
+def _side_by_side(w):
+    return jnp.concatenate(list(jnp.moveaxis(w, 1, 0)), axis=-1)  # [G, S, K, N] -> [G, K, S*N]
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "triton"])
+def test_stacked_weights_equal_their_side_by_side_matrix(backend):
+    """``w [G, S, K, N]`` computes ``x @ [w[g, 0] | w[g, 1]]``; its gradient is the stacked split of that matrix's."""
+    tile_group, tile = [0, 0, 2, 3, 4], 16
+    x, w_flat, tg, cotangent = _problem(tile_group, tile, 32, 2 * 16, 4, jnp.float32)
+    w = jnp.stack([w_flat[:, :, :16], w_flat[:, :, 16:] * 2], axis=1)  # [G, 2, K, 16], the halves differ
+    got = _value_and_grads(backend, x, w, tg, tile, cotangent)
+    want = _value_and_grads("reference", x, _side_by_side(w), tg, tile, cotangent)
+    assert got[2].shape == w.shape
+    for name, g, r in zip(("out", "dx", "dw"), (*got[:2], _side_by_side(got[2])), want, strict=True):
+        assert _rel_err(g, r) < TOL[jnp.float32], (name, _rel_err(g, r))
 
 
 def test_reference_is_the_per_group_product():
@@ -117,7 +137,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_forward_and_backward():
     forward; the transposed forward kernel and the weight-gradient kernel backward."""
     tile = mosaic_gpu.layout_tile()
     x = jax.ShapeDtypeStruct((4 * tile, 256), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((8, 256, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((8, 2, 256, 256), jnp.bfloat16)  # stacked: read in place, no copy kernel
     tg = jax.ShapeDtypeStruct((4,), jnp.int32)
 
     def forward(x_, w_, tg_):
@@ -133,17 +153,88 @@ def test_mosaic_gpu_kernels_lower_for_cuda_forward_and_backward():
         assert text.count("mosaic_gpu_v2") == kernels, (fn.__name__, text.count("mosaic_gpu_v2"))
 
 
+def test_mosaic_gpu_swiglu_lowers_as_one_kernel_and_is_kept_under_remat():
+    """The fused W1|W3 + SwiGLU forward is one kernel; backward adds the input- and weight-gradient kernels. Under
+    the ``dots_and_kernel_outputs`` remat policy its ``gate_up`` residual is kept, so the forward kernel is not run
+    again in the backward pass."""
+    tile = mosaic_gpu.layout_tile()
+    x = jax.ShapeDtypeStruct((4 * tile, 256), jnp.bfloat16)
+    w13 = jax.ShapeDtypeStruct((8, 2, 256, 256), jnp.bfloat16)
+    tg = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def forward(x_, w_, tg_):
+        return grouped_swiglu(x_, w_, tg_, tile=tile, backend="mosaic_gpu")
+
+    def grads(x_, w_, tg_, layer=forward):
+        return jax.grad(lambda a, b: jnp.sum(layer(a, b, tg_).astype(jnp.float32) ** 2), argnums=(0, 1))(x_, w_)
+
+    policy = jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT)
+    remat_grads = functools.partial(grads, layer=jax.checkpoint(forward, policy=policy))
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=H100)
+    for fn, kernels in ((forward, 1), (grads, 3), (remat_grads, 3)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.export.export(jax.jit(fn), platforms=["cuda"])(x, w13, tg).mlir_module()
+        assert text.count("mosaic_gpu_v2") == kernels, (fn, text.count("mosaic_gpu_v2"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "triton"])
+def test_grouped_swiglu_is_swiglu_of_the_grouped_matmul(backend):
+    tile_group, tile = [0, 0, 2, 3, 4], 16
+    x, w_flat, tg, _ = _problem(tile_group, tile, 32, 2 * 16, 4, jnp.float32)
+    w13 = jnp.stack([w_flat[:, :, :16], w_flat[:, :, 16:]], axis=1)
+    ct = jax.random.normal(jax.random.key(5), (x.shape[0], 16), jnp.float32)
+
+    def loss(fn):
+        return lambda a, b: jnp.sum(fn(a, b) * ct)
+
+    got = jax.value_and_grad(loss(lambda a, b: grouped_swiglu(a, b, tg, tile=tile, backend=backend)),
+                             argnums=(0, 1))(x, w13)
+    want = jax.value_and_grad(loss(lambda a, b: swiglu(grouped_matmul(a, b, tg, tile=tile, backend="reference"))),
+                              argnums=(0, 1))(x, w13)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _rel_err(g, r) < TOL[jnp.float32]
+    with pytest.raises(ValueError, match=r"w13 must stack W1 and W3 as \[groups, 2, k, n\]"):
+        grouped_swiglu(x, w_flat, tg, tile=tile, backend=backend)
+
+
 @pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU kernels need an sm_90 GPU (no interpret mode)")
-@pytest.mark.parametrize("k, n", [(512, 256), (256, 512)])
-def test_mosaic_gpu_equals_reference_on_hopper(k, n):
-    """The Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
-    leave unwritten: the backend must zero them)."""
+def test_mosaic_gpu_swiglu_equals_reference_on_hopper():
+    """The fused kernel: values and gradients against the reference, zeros on unused tiles, an empty group."""
     tile = mosaic_gpu.layout_tile()
     tile_group = [0, 0, 0, 2, 3, 3, 4, 4]
-    x, w, tg, cotangent = _problem(tile_group, tile, k, n, 4, jnp.bfloat16)
-    got = _value_and_grads("mosaic_gpu", x, w, tg, tile, cotangent)
-    want = _value_and_grads("reference", x.astype(jnp.float32), w.astype(jnp.float32), tg, tile, cotangent)
+    x, w_flat, tg, _ = _problem(tile_group, tile, 256, 2 * 256, 4, jnp.bfloat16)
+    w13 = jnp.stack(jnp.split(w_flat, 2, axis=-1), axis=1)
+    ct = jax.random.normal(jax.random.key(5), (x.shape[0], 256), jnp.float32)
+
+    def value_and_grads(backend, x_, w_):
+        def loss(a, b):
+            out = grouped_swiglu(a, b, tg, tile=tile, backend=backend)
+            return jnp.sum(out.astype(jnp.float32) * ct), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x_, w_)
+        return (out, *grads)
+
+    got = value_and_grads("mosaic_gpu", x, w13)
+    want = value_and_grads("reference", x.astype(jnp.float32), w13.astype(jnp.float32))
     for name, g, r in zip(("out", "dx", "dw"), got, want, strict=True):
         assert _rel_err(g, r) < TOL[jnp.bfloat16], (name, _rel_err(g, r))
     assert not np.any(np.asarray(got[0])[-2 * tile:]), "unused tiles must be zeros"
     assert not np.any(np.asarray(got[2])[1]), "a group without rows gets a zero weight gradient"
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU kernels need an sm_90 GPU (no interpret mode)")
+@pytest.mark.parametrize("k, n, stacks", [(512, 256, 1), (256, 512, 1), (256, 256, 2)])
+def test_mosaic_gpu_equals_reference_on_hopper(k, n, stacks):
+    """The Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
+    leave unwritten: the backend must zero them); plain and stacked weights."""
+    tile = mosaic_gpu.layout_tile()
+    tile_group = [0, 0, 0, 2, 3, 3, 4, 4]
+    x, w, tg, cotangent = _problem(tile_group, tile, k, n * stacks, 4, jnp.bfloat16)
+    if stacks > 1:
+        w = jnp.stack(jnp.split(w, stacks, axis=-1), axis=1)  # [G, S, k, n]; side by side it is the same matrix
+    got = _value_and_grads("mosaic_gpu", x, w, tg, tile, cotangent)
+    want = _value_and_grads("reference", x.astype(jnp.float32), w.astype(jnp.float32), tg, tile, cotangent)
+    assert got[2].shape == w.shape
+    for name, g, r in zip(("out", "dx", "dw"), got, want, strict=True):
+        assert _rel_err(g, r) < TOL[jnp.bfloat16], (name, _rel_err(g, r))
+    assert not np.any(np.asarray(got[0])[-2 * tile:]), "unused tiles must be zeros"
+    assert not np.any(np.asarray(got[2])[1]), "a group without rows gets a zero weight gradient (the kernel writes it)"

@@ -31,7 +31,7 @@ def test_full_456b_model_is_planned_abstractly_with_its_shardings():
     mesh = AbstractMesh((2, 8, 8, 1, 4), AXES)  # 512 devices that this machine does not have
     _, state = abstract_sharded(lambda: MiniMaxForCausalLM(minimax_text_01(), dtype=jnp.bfloat16), mesh)
     specs = _specs(state)
-    assert specs["groups/layers/0/moe/w1"] == PartitionSpec(None, "expert", "fsdp", "tensor")
+    assert specs["groups/layers/0/moe/w13"] == PartitionSpec(None, "expert", None, "fsdp", "tensor")
     assert specs["groups/layers/0/moe/w2"] == PartitionSpec(None, "expert", "tensor", "fsdp")
     assert specs["groups/layers/7/mixer/q_proj"] == PartitionSpec(None, "fsdp", "tensor", None)
     assert specs["embed_tokens"] == PartitionSpec("tensor", "fsdp")
@@ -44,7 +44,7 @@ def test_full_456b_model_is_planned_abstractly_with_its_shardings():
 
 def test_sizes_that_do_not_divide_the_mesh_name_the_dimension_and_the_axis():
     mesh = AbstractMesh((1, 1, 8, 1, 1), AXES)
-    with pytest.raises(ShardingError, match=r"moe\.w1: dimension 1 'expert' of size 4 \(config field num_local_"
+    with pytest.raises(ShardingError, match=r"moe\.w13: dimension 1 'expert' of size 4 \(config field num_local_"
                                             r"experts\) is not divisible by mesh axis 'expert'=8"):
         abstract_sharded(lambda: MiniMaxForCausalLM(tiny()), mesh)
     mesh = AbstractMesh((1, 1, 1, 1, 3), AXES)
@@ -61,7 +61,7 @@ def test_create_sharded_builds_parameters_in_place_equal_to_the_unsharded_init()
     model = create_sharded(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(3)), mesh)
     reference = jax.jit(lambda: nnx.state(MiniMaxForCausalLM(config, rngs=nnx.Rngs(3))))()
     specs = _specs(nnx.state(model))
-    assert specs["groups/layers/0/moe/w1"] == PartitionSpec(None, "expert", None, "tensor")
+    assert specs["groups/layers/0/moe/w13"] == PartitionSpec(None, "expert", None, None, "tensor")
     assert specs["lm_head"] == PartitionSpec(None, "tensor")
     for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(reference),
                                       strict=True):
@@ -69,6 +69,6 @@ def test_create_sharded_builds_parameters_in_place_equal_to_the_unsharded_init()
         # same random draws; XLA may fuse the scaling differently once partitioned (a few ulp at most)
         np.testing.assert_allclose(np.asarray(got.get_value()), np.asarray(want.get_value()), rtol=1e-6,
                                    err_msg=str(path))
-    w1 = nnx.state(model)["groups"]["layers"][0]["moe"]["w1"].get_value()
-    assert w1.addressable_shards[0].data.shape == (2, 4, 64, 16)
+    w13 = nnx.state(model)["groups"]["layers"][0]["moe"]["w13"].get_value()
+    assert w13.addressable_shards[0].data.shape == (2, 4, 2, 64, 16)
     assert jax.device_count() == 8
