@@ -46,6 +46,33 @@ def restore_keys(template: Any, tree: Any) -> Any:
     return tree
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose parameters are not this model's (another config, or an older parameter layout)."""
+
+
+def _param_names(tree: Any) -> set[str]:
+    return {".".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: not isinstance(x, dict))[0]}
+
+
+def check_params_match(params_dir: Path, params_like: Any, shown: int = 8) -> None:
+    """Raises ``CheckpointMismatchError`` if the parameter names saved in ``params_dir`` differ from
+    ``params_like``'s, listing up to ``shown`` missing and unexpected names."""
+    saved = _param_names(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+    wanted = _param_names(stringify_keys(params_like))
+    if saved == wanted:
+        return
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+
+    def listed(names):
+        return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+    raise CheckpointMismatchError(
+        f"checkpoint {params_dir} does not hold this model's parameters: {len(missing)} missing "
+        f"({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)}). Checkpoints written before "
+        "the MoE stored W1 and W3 stacked hold moe.w1 and moe.w3 where the model has moe.w13.")
+
+
 class Checkpointer:
     """Saves and restores ``TrainState`` plus the data iterator under ``directory``."""
 
@@ -74,7 +101,12 @@ class Checkpointer:
         ), force=True)
 
     def restore(self, step: int, like: TrainState, data_iterator: Any) -> TrainState:
-        """The state saved at ``step``, placed like ``like`` (shapes, dtypes, shardings); moves ``data_iterator``."""
+        """The state saved at ``step``, placed like ``like`` (shapes, dtypes, shardings); moves ``data_iterator``.
+
+        Raises ``CheckpointMismatchError`` naming the parameters that the checkpoint lacks or has in excess (orbax's
+        own error lists every optimizer-state leaf too); nothing on disk is changed.
+        """
+        check_params_match(self.directory / str(step) / "params", like["params"])
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(stringify_keys(abstract["params"])),

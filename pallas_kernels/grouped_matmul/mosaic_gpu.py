@@ -66,6 +66,17 @@ def _smem_transforms(minor_bytes: int):
     return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
 
 
+def _epilogue_smem(dtype):
+    """Shared memory of the output epilogue: per consumer warpgroup, two 64 x 64 tiles in flight (see ``_store``)."""
+    return plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), dtype, transforms=_smem_transforms(_EPILOGUE * 2))
+
+
+def _row_tile_and_group(info, m_tiles, n_tiles, band, group_end_tiles, num_groups):
+    """The persistent loop's (row tile, column tile) and the row tile's group (``num_groups``: unused tile)."""
+    m, n = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 0, band)
+    return m, n, _group_of_tile(group_end_tiles, m, num_groups)
+
+
 def _group_of_tile(group_end_tiles, tile, num_groups):
     """Group of row tile ``tile``: how many groups end at or before it (``num_groups``: an unused tile)."""
     group = jnp.int32(0)
@@ -112,7 +123,6 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
     cta_n = 2 * tile_n
     m_tiles, n_tiles, k_steps = rows // tile_m, cols // cta_n, depth // tile_k
     in_transforms = _smem_transforms(tile_k * 2)
-    out_transforms = _smem_transforms(_EPILOGUE * 2)
     w_block = (cta_n, tile_k) if transpose_w else (tile_k, cta_n)
 
     def pipeline(mma_body, compute_context, w_index):
@@ -131,7 +141,7 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
     @functools.partial(
         pl.run_scoped,
         allocations=pipeline(unused, unused, lambda k: (0, k)).get_allocations(x_gmem, w_gmem.at[0]),
-        out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), out_gmem.dtype, transforms=out_transforms),
+        out_smem=_epilogue_smem(out_gmem.dtype),
         collective_axes="wg",
     )
     def scope(allocations, out_smem):
@@ -140,8 +150,7 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def tile_loop(info: plgpu.NDLoopInfo):
-            m, n = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 0, band)
-            group = _group_of_tile(group_end_tiles, m, num_groups)
+            m, n, group = _row_tile_and_group(info, m_tiles, n_tiles, band, group_end_tiles, num_groups)
             cta_rows, cta_cols = pl.ds(m * tile_m, tile_m), pl.ds(n * cta_n, cta_n)
             if transpose_w:  # depth step k reads stacked matrix k // steps_per_matrix; output columns n of its K
                 steps_per_matrix = w_cols // tile_k
@@ -217,8 +226,7 @@ def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, gate_up_gmem, hidden_gme
     @functools.partial(
         pl.run_scoped,
         allocations=pipeline(unused, unused, 0).get_allocations(x_gmem, w_gmem.at[0], w_gmem.at[0]),
-        out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), hidden_gmem.dtype,
-                            transforms=_smem_transforms(_EPILOGUE * 2)),
+        out_smem=_epilogue_smem(hidden_gmem.dtype),
         collective_axes="wg",
     )
     def scope(allocations, out_smem):
@@ -227,8 +235,7 @@ def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, gate_up_gmem, hidden_gme
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def tile_loop(info: plgpu.NDLoopInfo):
-            m, n = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 0, band)
-            group = _group_of_tile(group_end_tiles, m, num_groups)
+            m, n, group = _row_tile_and_group(info, m_tiles, n_tiles, band, group_end_tiles, num_groups)
             cta_rows = pl.ds(m * tile_m, tile_m)
 
             def mma(_, x_smem, gate_smem, up_smem, accs):
@@ -311,7 +318,7 @@ def _tgmm_kernel(group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k
         # a static grid of ``stages`` steps sizes the buffers for the full pipeline depth (a shorter static grid
         # would shrink them); the real pipelines below have a dynamic number of steps
         allocations=pipeline(unused, unused, stages).get_allocations(x_gmem, dy_gmem),
-        out_smem=plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), out_gmem.dtype, transforms=_smem_transforms(_EPILOGUE * 2)),
+        out_smem=_epilogue_smem(out_gmem.dtype),
         collective_axes="wg",
     )
     def scope(allocations, out_smem):

@@ -3,9 +3,11 @@
 import shutil
 
 import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
 import pytest
 
-from minimax_jax.train.checkpointing import Checkpointer
+from minimax_jax.train.checkpointing import Checkpointer, CheckpointMismatchError, check_params_match
 from minimax_jax.train.trainer import train
 from tests.train.helpers import micro_train_config
 
@@ -54,3 +56,16 @@ def test_killed_during_save_resumes_from_last_complete_checkpoint(tmp_path, unin
     assert resumed.losses == {s: uninterrupted[s] for s in (3, 4, 5, 6)}
     assert not partial.exists()  # the leftover is cleaned up
     assert (checkpoints / "6").is_dir()
+
+
+def test_checkpoint_of_another_parameter_layout_is_refused_naming_the_parameters(tmp_path):
+    """A checkpoint holding ``moe.w1``/``moe.w3`` (the layout before ``w13``) against a model with ``moe.w13``: the
+    error names both sides, and the checkpoint stays on disk."""
+    params = {"embed": jnp.ones(3), "moe": {"w1": jnp.ones(2), "w3": jnp.ones(2)}}
+    ocp.StandardCheckpointer().save(tmp_path / "params", params)
+    ocp.StandardCheckpointer().wait_until_finished()
+    like = {"embed": jnp.ones(3), "moe": {"w13": jnp.ones((2, 2))}}
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing \(moe\.w13\), 2 unexpected \(moe\.w1, moe\.w3\)"):
+        check_params_match(tmp_path / "params", like)
+    check_params_match(tmp_path / "params", params)  # the same names pass
+    assert (tmp_path / "params").is_dir()
