@@ -69,15 +69,19 @@ def router_z_loss(router_logits: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)))
 
 
-def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w13: jax.Array, w2: jax.Array, *, tile: int,
-                  backend: str = "auto") -> jax.Array:
-    """``W2_e(silu(W1_e x) * (W3_e x))`` on a tile-aligned layout: row tile i belongs to expert ``tile_group[i]``.
+def expert_swiglu(rows: jax.Array, tile_group: jax.Array, w13: jax.Array, w2: jax.Array, row_weight: jax.Array, *,
+                  tile: int, backend: str = "auto") -> jax.Array:
+    """``W2_e(w * silu(W1_e x) * (W3_e x))`` on a tile-aligned layout: row tile i belongs to expert ``tile_group[i]``
+    and row r has weight ``row_weight[r]`` (its routing weight, applied before W2: W2 is linear, and the weights'
+    gradient then comes from the SwiGLU's backward pass without keeping the expert outputs).
 
-    W1 and W3 run as one grouped matmul of twice the width (one pass over the rows), with the SwiGLU fused into
-    it on Hopper (``grouped_swiglu``). w13: ``[E, 2, hidden, inter]`` (``w13[e, 0]`` is W1_e, ``w13[e, 1]`` W3_e,
-    each as ``[hidden, inter]``); w2: ``[E, inter, hidden]``; rows ``[R, hidden]``, padding rows give zeros.
+    W1 and W3 run as one grouped matmul of twice the width (one pass over the rows), with the weighted SwiGLU fused
+    into it on Hopper (``grouped_swiglu``). w13: ``[E, 2, hidden, inter]`` (``w13[e, 0]`` is W1_e, ``w13[e, 1]``
+    W3_e, each as ``[hidden, inter]``); w2: ``[E, inter, hidden]``; rows ``[R, hidden]``, row_weight fp32 ``[R]``;
+    padding rows give zeros.
     """
-    hidden = grouped_swiglu(rows, w13, tile_group, tile=tile, backend=backend)
+    hidden = grouped_swiglu(rows, w13, tile_group, row_weight, tile=tile, backend=backend)
+    # kept by the dots_and_kernel_outputs remat policy: the residual stream after the MoE is rebuilt from it
     return checkpoint_name(grouped_matmul(hidden, w2, tile_group, tile=tile, backend=backend), KERNEL_OUTPUT)
 
 
@@ -85,10 +89,9 @@ def dropless_experts(x: jax.Array, routing: Routing, w13: jax.Array, w2: jax.Arr
                      backend: str = "auto") -> jax.Array:
     """``sum_k w_k * W2_{e_k}(silu(W1_{e_k} x) * (W3_{e_k} x))`` with no capacity limit.
 
-    The T*k (token, expert) slots are placed by expert on a tile-aligned layout (``moe_dispatch``), the experts run
-    as grouped matmuls (``pallas_kernels.grouped_matmul``: Mosaic-GPU kernels on Hopper, Pallas-Triton on other
-    GPUs, ``ragged_dot`` elsewhere), and each token's results are gathered back and combined with its routing
-    weights.
+    The T*k (token, expert) slots are placed by expert on a tile-aligned layout (``moe_dispatch``), with their
+    routing weights; the experts run as grouped matmuls (``pallas_kernels.grouped_matmul``: Mosaic-GPU kernels on
+    Hopper, Pallas-Triton on other GPUs, ``ragged_dot`` elsewhere), and each token's k weighted results are summed.
 
     Args:
       x: ``[T, hidden]``; w13: ``[E, 2, hidden, inter]`` (W1 and W3 stacked); w2: ``[E, inter, hidden]``.
@@ -98,10 +101,11 @@ def dropless_experts(x: jax.Array, routing: Routing, w13: jax.Array, w2: jax.Arr
     with jax.named_scope("dispatch"):
         layout = tile_layout(routing.experts.reshape(-1), w13.shape[0], tile)
         rows = to_rows(x, layout, k)
+        row_weight = to_rows(routing.weights.reshape(-1, 1), layout, 1)[:, 0]
     with jax.named_scope("experts"):
-        out = expert_swiglu(rows, layout.tile_group, w13, w2, tile=tile, backend=backend)
+        out = expert_swiglu(rows, layout.tile_group, w13, w2, row_weight, tile=tile, backend=backend)
     with jax.named_scope("combine"):
-        return combine_rows(out, layout, routing.weights)
+        return combine_rows(out, layout, k)
 
 
 class MoEOutput(NamedTuple):

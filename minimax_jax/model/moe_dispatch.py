@@ -6,10 +6,12 @@ every row tile belongs to one expert. ``tile_layout`` builds that placement once
 
     rows  [ e0 e0 e0 0 | e0 0 0 0 | e2 e2 e2 e2 | e2 0 0 0 | unused ... ]   (tile 4, expert 1 empty)
 
-``to_rows`` gathers inputs into it and ``from_rows`` gathers results back. Each is the other's transpose, so both
-gradients are gathers too (autodiff of a gather would give a scatter-add with atomics); padding rows read zeros
-and receive nothing. Nothing is ever dropped: the layout has room for every slot at any expert load. Inside
-``jax.shard_map`` a gradient is summed over the manual axes its primal does not vary over (``manual_axes``).
+``to_rows`` gathers inputs into it; ``combine_rows`` sums each token's result rows back and ``from_rows`` gathers
+per-slot results. ``to_rows`` and ``combine_rows`` are each other's transpose, as are ``from_rows`` and its
+backward, so every gradient is a gather too (autodiff of a gather would give a scatter-add with atomics); padding
+rows read zeros and receive nothing. Nothing is ever dropped: the layout has room for every slot at any expert
+load. Inside ``jax.shard_map`` a gradient is summed over the manual axes its primal does not vary over
+(``manual_axes``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.manual_axes import like_primal
+from pallas_kernels import row_gather
+from pallas_kernels.manual_axes import like_primal, union_axes
 
 
 class TileLayout(NamedTuple):
@@ -76,8 +79,11 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-    """``_take`` for a gather that nothing fuses into: 16-bit rows move as pairs packed in uint32 words (on an
-    H100 the 32K x 1024 bf16 to-rows gather took 98 us this way, 119 us element by element)."""
+    """``_take`` for a gather that nothing fuses into: on GPUs a Pallas-Triton row copy (``pallas_kernels.row_gather``;
+    not inside ``jax.shard_map``), elsewhere XLA's gather with 16-bit rows moved as pairs packed in uint32 words (on
+    an H100 the 32K x 1024 bf16 to-rows gather took 98 us this way, 119 us element by element)."""
+    if jax.default_backend() == "gpu" and row_gather.fits(x, index) and not union_axes(x, index):
+        return row_gather.gather_rows(x, index)
     if x.dtype.itemsize != 2 or x.shape[-1] % 2:
         return _take(x, index)
     words = jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
@@ -85,13 +91,25 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(rows, x.dtype).reshape(*rows.shape[:-1], x.shape[-1])
 
 
+def _gather_rows(x, layout, slots_per_item):
+    return _take_rows(x, layout.slot_of_row // slots_per_item)
+
+
+def _sum_slots(rows, layout, slots_per_item):
+    """Per item, the sum of its ``slots_per_item`` rows (fp32 sum), ``[S // slots_per_item, D]``."""
+    slots = _take(rows, layout.row_of_slot)  # [S, D]
+    num_items = slots.shape[0] // slots_per_item
+    return slots.reshape(num_items, slots_per_item, -1).sum(axis=1, dtype=jnp.float32).astype(rows.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def to_rows(x: jax.Array, layout: TileLayout, slots_per_item: int) -> jax.Array:
     """Rows ``[R, D]``: row r holds ``x[slot_of_row[r] // slots_per_item]`` (zeros on padding rows).
 
     ``slots_per_item`` is k for tokens routed to k experts (x holds tokens) and 1 when x already holds slots.
+    Its transpose (and gradient) is ``combine_rows``.
     """
-    return _take_rows(x, layout.slot_of_row // slots_per_item)
+    return _gather_rows(x, layout, slots_per_item)
 
 
 def _to_rows_fwd(x, layout, slots_per_item):
@@ -100,12 +118,30 @@ def _to_rows_fwd(x, layout, slots_per_item):
 
 def _to_rows_bwd(slots_per_item, res, d_rows):
     layout, x_type = res
-    d_slots = _take(d_rows, layout.row_of_slot)  # [S, D]
-    d_x = d_slots.reshape(x_type.shape[0], slots_per_item, -1).sum(axis=1, dtype=jnp.float32).astype(d_rows.dtype)
-    return like_primal(d_x, x_type), None
+    return like_primal(_sum_slots(d_rows, layout, slots_per_item), x_type), None
 
 
 to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def combine_rows(rows: jax.Array, layout: TileLayout, slots_per_item: int) -> jax.Array:
+    """Per item ``[S // slots_per_item, D]``: the sum of the rows of its slots (the MoE's combine; the routing
+    weights are applied before W2, see ``moe.expert_swiglu``). The transpose of ``to_rows``: its gradient is one
+    gather of the output gradient into the rows."""
+    return _sum_slots(rows, layout, slots_per_item)
+
+
+def _combine_rows_fwd(rows, layout, slots_per_item):
+    return combine_rows(rows, layout, slots_per_item), (layout, rows[:, :0])
+
+
+def _combine_rows_bwd(slots_per_item, res, dy):
+    layout, rows_type = res
+    return like_primal(_gather_rows(dy.astype(rows_type.dtype), layout, slots_per_item), rows_type), None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 @jax.custom_vjp
@@ -132,35 +168,3 @@ def combine_slots(slot_out: jax.Array, weights: jax.Array) -> jax.Array:
     # an elementwise product and sum (fused by XLA); as an einsum it becomes T batched 1 x k x D matmuls on GPU
     weighted = slot_out.reshape(num_tokens, k, -1) * weights.astype(slot_out.dtype)[:, :, None]
     return jnp.sum(weighted, axis=1, dtype=jnp.float32).astype(slot_out.dtype)
-
-
-@jax.custom_vjp
-def combine_rows(rows: jax.Array, layout: TileLayout, weights: jax.Array) -> jax.Array:
-    """``combine_slots(from_rows(rows, layout), weights)``: each token's k results read from the rows and summed
-    with its routing weights ``[T, k]``.
-
-    Its backward pass writes the rows' gradient in one gather from the output gradient (``dy[token] * weight``
-    per row), where autodiff of the two steps would first write and then re-gather a per-slot ``[T*k, D]``
-    gradient; the weights' gradient is accumulated in fp32.
-    """
-    return combine_slots(from_rows(rows, layout), weights)
-
-
-def _combine_rows_fwd(rows, layout, weights):
-    return combine_rows(rows, layout, weights), (rows, layout, weights)
-
-
-def _combine_rows_bwd(res, dy):
-    rows, layout, weights = res
-    num_tokens, k = weights.shape
-    slot = layout.slot_of_row  # S (no slot) on padding rows: gathers below give zeros there
-    row_weight = _take(weights.reshape(-1), slot).astype(rows.dtype)
-    dy_rows = _take(dy.astype(rows.dtype), slot // k)  # each row's token gradient, read once for both results
-    d_rows = dy_rows * row_weight[:, None]
-    # the weights' gradient <rows[r], dy[token]> per row, in row order like d_rows (one pass), then per slot
-    d_weight_rows = jnp.sum(rows.astype(jnp.float32) * dy_rows.astype(jnp.float32), axis=-1)
-    d_weights = _take(d_weight_rows, layout.row_of_slot).reshape(num_tokens, k)  # a slot of no group: 0
-    return like_primal(d_rows, rows), None, like_primal(d_weights.astype(weights.dtype), weights)
-
-
-combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)

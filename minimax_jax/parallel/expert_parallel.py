@@ -126,7 +126,9 @@ def all_to_all_experts(sorted_rows: jax.Array, group_sizes: jax.Array, w13: jax.
     recv_counts = all_sizes[:, me, :]  # [src, E_l]
     tile = tile_rows()
     layout = tile_layout(_rows_by_local_expert(recv_counts, capacity), local_experts, tile)
-    out = from_rows(expert_swiglu(to_rows(received, layout, 1), layout.tile_group, w13, w2, tile=tile), layout)
+    # routing weights are applied after the return trip (combine_slots): rows here are weighted by one
+    ones = jnp.ones(layout.slot_of_row.shape, jnp.float32)
+    out = from_rows(expert_swiglu(to_rows(received, layout, 1), layout.tile_group, w13, w2, ones, tile=tile), layout)
     return ragged_all_to_all(
         out, jnp.zeros_like(sorted_rows), recv_offsets, recv_sizes, offsets_on_src, send_sizes,
         axis_name=expert_axis)

@@ -3,14 +3,14 @@ Triton kernels instead).
 
 * ``gmm`` (forward and input gradient) is this module's warp-specialized kernel: one producer warpgroup streams
   row and weight blocks through shared memory with TMA while two consumer warpgroups run wgmma, each on its own
-  ``tile_m`` rows of a ``2 * tile_m``-row layout tile (so the layout tile must be ``2 * tile_m`` rows: one group per
-  CTA tile). A persistent grid walks the (row tile, column tile) pairs; a row tile's group comes from the groups'
-  cumulative tile counts, and unused trailing tiles are skipped (their rows are masked to zeros afterwards).
+  half of a ``tile_m`` x ``2 * tile_n`` CTA tile's columns (the layout tile is ``tile_m`` rows: one group per CTA
+  tile). A persistent grid walks the (row tile, column tile) pairs; a row tile's group comes from the groups'
+  cumulative tile counts, and unused trailing tiles are written as zeros without a matmul.
   jax's own ragged-dot kernels (one warpgroup, no producer warp) ran these shapes at 240-490 TFLOP/s on an H100;
   a warp-specialized dense matmul at 610-700 (docs/benchmarks.md).
 * ``tgmm`` (weight gradient) has the same structure: per (group, output tile) the pipeline walks the group's rows
   (a dynamic number of steps) and the two consumer warpgroups take one half of the output columns each; a group
-  without rows gets a stored zero tile.
+  without rows gets a stored zero tile. Groups run largest first, spread evenly over the SMs (``_balanced_item``).
 * Weights may be stacked, ``w [G, S, k, n]``: the S products sit side by side in the output (``[R, S*n]``), which
   is how the MoE's W1 and W3 run as one matmul without a copy into ``[G, k, S*n]`` (the kernels pick each block's
   matrix from its column or depth index).
@@ -54,10 +54,6 @@ def _num_sms() -> int:
     """Multiprocessors of the target GPU: the abstract mesh's device when lowering ahead of time, else device 0."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     return device.num_cores if device is not None else jax.devices()[0].core_count
-
-
-def _used_rows_only(out, used_rows):
-    return jnp.where(jnp.arange(out.shape[0])[:, None] < used_rows, out, jnp.zeros((), out.dtype))
 
 
 def _smem_transforms(minor_bytes: int):
@@ -176,6 +172,12 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
             def _():
                 pipeline(mma, compute, w_index)(x_gmem.at[cta_rows, :], w_gmem.at[group], allocations=allocations)
 
+            # unused rows: the consumer warpgroups store zero accumulators (a masking pass over the output cost
+            # 50 us per MoE layer where no fusion absorbed it)
+            @pl.when((group == num_groups) & (wg < 2))
+            def _():
+                compute(lambda acc: None)
+
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
@@ -193,16 +195,16 @@ def gmm(x, w, group_sizes, *, transpose_w=False):
         grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    out = kernel(group_end_tiles.astype(jnp.int32), x, w.reshape(num_groups, stacks * depth, width))
-    return _used_rows_only(out, jnp.sum(group_sizes))
+    return kernel(group_end_tiles.astype(jnp.int32), x, w.reshape(num_groups, stacks * depth, width))
 
 
-def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, gate_up_gmem, hidden_gmem, *, num_groups, tile_m, tile_n,
-                       tile_k, stages, band):
-    """``x @ [W1 | W3]`` and ``silu(x W1) * (x W3)`` per row group: ``w_gmem [G, 2*K, N]`` (W1 over W3),
-    ``gate_up [R, 2N]``, ``hidden [R, N]``. A CTA tile is ``tile_m`` rows by the same ``tile_n`` columns of W1 and of
-    W3; each consumer warpgroup takes half of those columns of both, so it holds gate and up of the same elements
-    and forms SwiGLU in registers. Unused row tiles are written as zeros (hidden feeds a kernel, not a fusion)."""
+def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, row_weight_gmem, gate_up_gmem, hidden_gmem, *, num_groups,
+                       tile_m, tile_n, tile_k, stages, band):
+    """``x @ [W1 | W3]`` and ``row_weight * silu(x W1) * (x W3)`` per row group: ``w_gmem [G, 2*K, N]`` (W1 over
+    W3), ``row_weight [R]`` fp32, ``gate_up [R, 2N]``, ``hidden [R, N]``. A CTA tile is ``tile_m`` rows by the same
+    ``tile_n`` columns of W1 and of W3; each consumer warpgroup takes half of those columns of both, so it holds gate
+    and up of the same elements and forms SwiGLU in registers. Unused row tiles are written as zeros (hidden feeds a
+    kernel, not a fusion)."""
     rows, depth = x_gmem.shape
     width = hidden_gmem.shape[1]
     half = tile_n // 2
@@ -255,7 +257,11 @@ def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, gate_up_gmem, hidden_gme
                     cols = n * tile_n + wg * half
                     _store(gate, out_smem, wg, gate_up_gmem.at[cta_rows, pl.ds(cols, half)])
                     _store(up, out_smem, wg, gate_up_gmem.at[cta_rows, pl.ds(width + cols, half)])
-                    hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)  # as swiglu() on bf16
+                    # each thread reads the weights of its own accumulator rows straight from global memory
+                    row_weight = plgpu.load(row_weight_gmem.at[cta_rows], layout=plgpu.Layout.WGMMA.reduce(1),
+                                            optimized=False)
+                    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+                              * row_weight[:, None])  # as weighted_swiglu() on bf16 gate and up
                     _store(hidden.astype(dtype), out_smem, wg, hidden_gmem.at[cta_rows, pl.ds(cols, half)])
 
             @pl.when(group < num_groups)
@@ -270,9 +276,10 @@ def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, gate_up_gmem, hidden_gme
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def gmm_swiglu(x, w13, group_sizes):
-    """``(gate_up, hidden)``: ``gate_up = x @ [w13[g, 0] | w13[g, 1]]`` (``[R, 2n]``) and ``hidden = silu(gate) *
-    up`` (``[R, n]``) per row group, in one kernel; both zero past ``sum(group_sizes)``."""
+def gmm_swiglu(x, w13, group_sizes, row_weight):
+    """``(gate_up, hidden)``: ``gate_up = x @ [w13[g, 0] | w13[g, 1]]`` (``[R, 2n]``) and ``hidden = row_weight *
+    silu(gate) * up`` (``[R, n]``, ``row_weight`` fp32 ``[R]``) per row group, in one kernel; both zero past
+    ``sum(group_sizes)``."""
     num_groups, stacks, depth, width = w13.shape
     if stacks != 2:
         raise ValueError(f"gmm_swiglu: w13 must stack W1 and W3 ([G, 2, k, n]), got {w13.shape}")
@@ -284,12 +291,28 @@ def gmm_swiglu(x, w13, group_sizes):
         grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    return kernel(group_end_tiles.astype(jnp.int32), x, w13.reshape(num_groups, 2 * depth, width))
+    return kernel(group_end_tiles.astype(jnp.int32), x, w13.reshape(num_groups, 2 * depth, width),
+                  row_weight.astype(jnp.float32))
 
 
-def _tgmm_kernel(group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k, tile_n, tile_rows, stages, band):
+def _balanced_item(index, num_items):
+    """The work item that persistent-loop step ``index`` runs, for items sorted by decreasing cost: odd rounds of
+    ``num_sms`` steps walk their items backwards, so an SM that got a costly item in one round gets a cheap one in
+    the next (a greedy longest-first schedule; plain interleaving gives the first SMs the costliest item of every
+    round)."""
+    num_sms = lax.axis_size("sm")
+    round_, position = index // num_sms, index % num_sms
+    round_size = jnp.minimum(num_sms, num_items - round_ * num_sms)
+    return round_ * num_sms + jnp.where(round_ % 2 == 1, round_size - 1 - position, position)
+
+
+def _tgmm_kernel(group_order, group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k, tile_n, tile_rows,
+                 stages, band):
     """``out_gmem [G, S*K, N]``: per group, ``x_g^T @ dy_g`` with the ``S*N`` columns of ``dy`` cut into S stacked
-    ``[K, N]`` matrices (the weight layout of ``gmm``). Groups without rows get zeros."""
+    ``[K, N]`` matrices (the weight layout of ``gmm``). Groups without rows get zeros. A group's output tiles each
+    cost its row count, so the loop takes the groups in ``group_order`` (largest first) and balances the SMs' work
+    with ``_balanced_item``: with uneven expert loads, group order left the SMs that held a large group's tiles
+    finishing last."""
     rows, depth = x_gmem.shape
     cols = dy_gmem.shape[1]
     num_groups, _, w_cols = out_gmem.shape
@@ -325,10 +348,13 @@ def _tgmm_kernel(group_starts, group_steps, x_gmem, dy_gmem, out_gmem, *, tile_k
         wg = lax.axis_index("wg")
         wg_cols = pl.ds(wg * tile_n, tile_n)
 
-        @plgpu.nd_loop((num_groups, k_tiles * n_tiles), collective_axes="sm")
+        tiles = k_tiles * n_tiles
+
+        @plgpu.nd_loop((num_groups * tiles,), collective_axes="sm")
         def tile_loop(info: plgpu.NDLoopInfo):
-            group = info.index[0]
-            kt, nt = plgpu.planar_snake(info.index[1], (k_tiles, n_tiles), 0, band)
+            item = _balanced_item(info.index[0], num_groups * tiles)
+            group = group_order[item // tiles]
+            kt, nt = plgpu.planar_snake(item % tiles, (k_tiles, n_tiles), 0, band)
             matrix, matrix_nt = nt // tiles_per_matrix, nt % tiles_per_matrix
             out_block = out_gmem.at[group, pl.ds(matrix * depth + kt * tile_k, tile_k),
                                     pl.ds(matrix_nt * cta_n, cta_n)]
@@ -368,5 +394,7 @@ def tgmm(x, dy, group_sizes, stacks=1):
         grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    dw = kernel(ends - group_sizes.astype(jnp.int32), (group_sizes // knobs["tile_rows"]).astype(jnp.int32), x, dy)
+    largest_first = jnp.argsort(-group_sizes.astype(jnp.int32), stable=True).astype(jnp.int32)
+    dw = kernel(largest_first, ends - group_sizes.astype(jnp.int32),
+                (group_sizes // knobs["tile_rows"]).astype(jnp.int32), x, dy)
     return dw.reshape(num_groups, stacks, depth, width)

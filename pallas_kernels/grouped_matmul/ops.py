@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
+from pallas_kernels.grouped_matmul import swiglu
 from pallas_kernels.grouped_matmul import triton_kernels as tk
-from pallas_kernels.grouped_matmul.swiglu import swiglu, swiglu_grad
 from pallas_kernels.manual_axes import like_primal, to_union, union_axes
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic_gpu")
@@ -163,23 +163,25 @@ _mosaic_gpu.defvjp(_mosaic_gpu_fwd, _mosaic_gpu_bwd)
 
 
 @jax.custom_vjp
-def _mosaic_gpu_swiglu(x, w13, group_sizes):
-    """``swiglu(x @ [W1 | W3])`` with the SwiGLU in the forward kernel's epilogue; ``gate_up`` is kept for the
-    backward pass, which is ``_mosaic_gpu``'s with ``swiglu_grad`` in front."""
-    return _mosaic_gpu_swiglu_fwd(x, w13, group_sizes)[0]
+def _mosaic_gpu_swiglu(x, w13, group_sizes, row_weight):
+    """``weighted_swiglu(x @ [W1 | W3], row_weight)`` with the SwiGLU in the forward kernel's epilogue; ``gate_up``
+    is kept for the backward pass, which is ``_mosaic_gpu``'s with the SwiGLU gradient kernel in front."""
+    return _mosaic_gpu_swiglu_fwd(x, w13, group_sizes, row_weight)[0]
 
 
-def _mosaic_gpu_swiglu_fwd(x, w13, group_sizes):
+def _mosaic_gpu_swiglu_fwd(x, w13, group_sizes, row_weight):
     from pallas_kernels.grouped_matmul import mosaic_gpu
 
-    gate_up, hidden = mosaic_gpu.gmm_swiglu(x, w13, group_sizes)
+    gate_up, hidden = mosaic_gpu.gmm_swiglu(x, w13, group_sizes, row_weight)
     # remat policies may keep it (a kernel output, not an XLA dot)
-    return hidden, (x, w13, checkpoint_name(gate_up, KERNEL_OUTPUT), group_sizes)
+    return hidden, (x, w13, checkpoint_name(gate_up, KERNEL_OUTPUT), group_sizes, row_weight)
 
 
 def _mosaic_gpu_swiglu_bwd(res, d_hidden):
-    x, w13, gate_up, group_sizes = res
-    return _mosaic_gpu_bwd((x, w13, group_sizes), swiglu_grad(gate_up, d_hidden))
+    x, w13, gate_up, group_sizes, row_weight = res
+    grad = swiglu.weighted_swiglu_grad_kernel if swiglu.kernel_fits(gate_up) else swiglu.weighted_swiglu_grad
+    d_gate_up, d_row_weight = grad(gate_up, row_weight, d_hidden.astype(gate_up.dtype))
+    return *_mosaic_gpu_bwd((x, w13, group_sizes), d_gate_up), d_row_weight.astype(row_weight.dtype)
 
 
 _mosaic_gpu_swiglu.defvjp(_mosaic_gpu_swiglu_fwd, _mosaic_gpu_swiglu_bwd)
@@ -234,18 +236,22 @@ def _backend_for(x, w, backend):
     return name
 
 
-def grouped_swiglu(x: jax.Array, w13: jax.Array, tile_group: jax.Array, *, tile: int, backend: str = "auto",
-                   interpret: bool | None = None) -> jax.Array:
-    """``swiglu(grouped_matmul(x, w13, ...))``: the MoE experts' ``silu(x W1) * (x W3)``, ``[R, N]`` for stacked
-    ``w13 [G, 2, K, N]``. On Hopper the SwiGLU runs in the matmul kernel's epilogue (no pass over ``[R, 2N]``)."""
+def grouped_swiglu(x: jax.Array, w13: jax.Array, tile_group: jax.Array, row_weight: jax.Array, *, tile: int,
+                   backend: str = "auto", interpret: bool | None = None) -> jax.Array:
+    """``weighted_swiglu(grouped_matmul(x, w13, ...), row_weight)``: the MoE experts' ``w * silu(x W1) * (x W3)``,
+    ``[R, N]`` for stacked ``w13 [G, 2, K, N]`` and one weight per row (``[R]``, the routing weights). On Hopper the
+    SwiGLU runs in the matmul kernel's epilogue (no pass over ``[R, 2N]``)."""
     if w13.ndim != 4 or w13.shape[1] != 2:
         raise ValueError(f"grouped_swiglu: w13 must stack W1 and W3 as [groups, 2, k, n], got {w13.shape}")
     _validate(x, w13, tile_group, tile)
+    if row_weight.shape != (x.shape[0],):
+        raise ValueError(f"grouped_swiglu: row_weight must have shape ({x.shape[0]},), one per row of x, got "
+                         f"{row_weight.shape}")
     if _backend_for(x, w13, backend) == "mosaic_gpu":
         sizes = _padded_group_sizes(tile_group.astype(jnp.int32), w13.shape[0], tile)
-        return _mosaic_gpu_swiglu(x, w13, sizes)
+        return _mosaic_gpu_swiglu(x, w13, sizes, row_weight)
     gate_up = grouped_matmul(x, w13, tile_group, tile=tile, backend=backend, interpret=interpret)
-    return swiglu(checkpoint_name(gate_up, KERNEL_OUTPUT))
+    return swiglu.weighted_swiglu(checkpoint_name(gate_up, KERNEL_OUTPUT), row_weight)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, tile: int, backend: str = "auto",

@@ -14,7 +14,8 @@ from minimax_jax.model.moe import (
     switch_aux_loss,
     top_k_by_argmax,
 )
-from pallas_kernels.grouped_matmul import swiglu
+from pallas_kernels.grouped_matmul import weighted_swiglu, weighted_swiglu_grad
+from pallas_kernels.grouped_matmul.swiglu import kernel_fits, weighted_swiglu_grad_kernel
 from tests.model import numpy_reference as ref
 
 
@@ -48,19 +49,40 @@ def test_top_k_by_argmax_equals_top_k_with_ties(k):
     np.testing.assert_array_equal(grad(x, top_k_by_argmax), grad(x, jax.lax.top_k))
 
 
+def _swiglu_problem(dtype, rows=6, width=5):
+    rng = np.random.default_rng(1)
+    gate_up = jnp.asarray(rng.standard_normal((rows, 2 * width)) * 3, dtype)
+    row_weight = jnp.asarray(rng.uniform(0, 1, rows), jnp.float32).at[-1].set(0.0)  # a padding row: weight 0
+    d_hidden = jnp.asarray(rng.standard_normal((rows, width)), dtype)
+    return gate_up, row_weight, d_hidden
+
+
+def _weighted_swiglu_formula(h, w):
+    width = h.shape[-1] // 2
+    return w[:, None] * jax.nn.silu(h[:, :width].astype(jnp.float32)) * h[:, width:].astype(jnp.float32)
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_swiglu_value_and_gradient_equal_autodiff_of_the_formula(dtype, tol):
-    gate_up = jnp.asarray(np.random.default_rng(1).standard_normal((6, 2 * 5)) * 3, dtype)
-    d_hidden = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)), dtype)
-
-    def formula(h):
-        return jax.nn.silu(h[:, :5].astype(jnp.float32)) * h[:, 5:].astype(jnp.float32)
-
-    np.testing.assert_allclose(np.asarray(swiglu(gate_up), np.float32), formula(gate_up), rtol=tol, atol=tol)
-    got = jax.vjp(swiglu, gate_up)[1](d_hidden)[0]
-    want = jax.vjp(formula, gate_up)[1](d_hidden.astype(jnp.float32))[0]
-    assert got.dtype == dtype
+def test_weighted_swiglu_value_and_gradients_equal_autodiff_of_the_formula(dtype, tol):
+    gate_up, row_weight, d_hidden = _swiglu_problem(dtype)
+    got, vjp = jax.vjp(weighted_swiglu, gate_up, row_weight)
+    want, want_vjp = jax.vjp(_weighted_swiglu_formula, gate_up, row_weight)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+    for g, w in zip(vjp(d_hidden), want_vjp(d_hidden.astype(jnp.float32)), strict=True):
+        assert g.dtype in (dtype, jnp.float32)
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_weighted_swiglu_gradient_kernel_equals_the_jnp_gradient(dtype, tol):
+    """The Pallas-Triton gradient kernel (interpret mode here) against ``weighted_swiglu_grad``."""
+    gate_up, row_weight, d_hidden = _swiglu_problem(dtype, rows=32, width=16)
+    assert kernel_fits(gate_up) and not kernel_fits(gate_up[:, :24]) and not kernel_fits(gate_up[:24])
+    got = weighted_swiglu_grad_kernel(gate_up, row_weight, d_hidden, interpret=True)
+    want = weighted_swiglu_grad(gate_up, row_weight, d_hidden)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
 
 
 def test_route_renormalizes_top_k_of_fp32_softmax():

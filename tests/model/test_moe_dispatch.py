@@ -62,6 +62,7 @@ def _plain_from_rows(rows, row_of_slot):
     (2, jnp.float32, 5),
     (2, jnp.bfloat16, 6),  # 16-bit rows gathered as packed uint32 pairs
     (2, jnp.bfloat16, 5),  # odd width: element by element
+    (2, jnp.bfloat16, 16),  # on GPUs: the row-gather kernel
 ])
 def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k, dtype, width):
     rng = np.random.default_rng(k)
@@ -86,19 +87,23 @@ def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k, dtype, widt
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_combine_rows_equals_gather_then_weighted_sum_with_gradients(dtype, tol):
-    """Uneven loads with an empty group (padding rows inside and after groups); gradients of rows and weights."""
+def test_combine_rows_sums_each_tokens_rows_and_is_the_transpose_of_to_rows(dtype, tol):
+    """Uneven loads with an empty group (padding rows inside and after groups): each token's k rows summed, the
+    gradient equals autodiff of gather-then-sum, and <to_rows(x), r> = <x, combine_rows(r)>."""
     rng = np.random.default_rng(3)
     tokens, k, num_groups, tile, width = 9, 2, 4, 4, 6
     groups = jnp.asarray(rng.choice([0, 1, 3], tokens * k))  # group 2 gets nothing
     layout = tile_layout(groups, num_groups, tile)
     rows = jnp.asarray(rng.standard_normal((num_layout_rows(tokens * k, num_groups, tile), width)), dtype)
-    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((tokens, k)), jnp.float32), axis=-1)
     dy = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
 
-    got, got_vjp = jax.vjp(lambda r, w: combine_rows(r, layout, w), rows, weights)
-    want, want_vjp = jax.vjp(lambda r, w: combine_slots(from_rows(r, layout), w), rows, weights)
-    np.testing.assert_array_equal(got, want)
-    for a, b in zip(got_vjp(dy), want_vjp(dy), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    got, got_vjp = jax.vjp(lambda r: combine_rows(r, layout, k), rows)
+    want, want_vjp = jax.vjp(lambda r: combine_slots(from_rows(r, layout), jnp.ones((tokens, k))), rows)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    (g,), (w,) = got_vjp(dy), want_vjp(dy)
+    assert g.dtype == w.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    x = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
+    rows32 = rows.astype(jnp.float32)
+    assert float(jnp.vdot(to_rows(x, layout, k), rows32)) == pytest.approx(
+        float(jnp.vdot(x, combine_rows(rows32, layout, k))), rel=1e-5)

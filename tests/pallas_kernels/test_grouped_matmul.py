@@ -13,7 +13,7 @@ from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh, AxisType
 
 from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
-from pallas_kernels.grouped_matmul import grouped_matmul, grouped_swiglu, mosaic_gpu, swiglu
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_swiglu, mosaic_gpu, weighted_swiglu
 from pallas_kernels.grouped_matmul.ops import _is_hopper
 from tests.pallas_kernels.test_export import H100
 
@@ -161,61 +161,79 @@ def test_mosaic_gpu_swiglu_lowers_as_one_kernel_and_is_kept_under_remat():
     x = jax.ShapeDtypeStruct((4 * tile, 256), jnp.bfloat16)
     w13 = jax.ShapeDtypeStruct((8, 2, 256, 256), jnp.bfloat16)
     tg = jax.ShapeDtypeStruct((4,), jnp.int32)
+    row_weight = jax.ShapeDtypeStruct((4 * tile,), jnp.float32)
 
-    def forward(x_, w_, tg_):
-        return grouped_swiglu(x_, w_, tg_, tile=tile, backend="mosaic_gpu")
+    def forward(x_, w_, rw_, tg_):
+        return grouped_swiglu(x_, w_, tg_, rw_, tile=tile, backend="mosaic_gpu")
 
-    def grads(x_, w_, tg_, layer=forward):
-        return jax.grad(lambda a, b: jnp.sum(layer(a, b, tg_).astype(jnp.float32) ** 2), argnums=(0, 1))(x_, w_)
+    def grads(x_, w_, rw_, tg_, layer=forward):
+        return jax.grad(lambda a, b, c: jnp.sum(layer(a, b, c, tg_).astype(jnp.float32) ** 2),
+                        argnums=(0, 1, 2))(x_, w_, rw_)
 
     policy = jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT)
     remat_grads = functools.partial(grads, layer=jax.checkpoint(forward, policy=policy))
     mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,), abstract_device=H100)
-    for fn, kernels in ((forward, 1), (grads, 3), (remat_grads, 3)):
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)]
+    # (Mosaic GPU kernels, Pallas-Triton kernels): the backward adds dx, dw and the SwiGLU gradient kernel
+    for fn, kernels in ((forward, (1, 0)), (grads, (3, 1)), (remat_grads, (3, 1))):
         with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.export.export(jax.jit(fn), platforms=["cuda"])(x, w13, tg).mlir_module()
-        assert text.count("mosaic_gpu_v2") == kernels, (fn, text.count("mosaic_gpu_v2"))
+            text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(
+                x, w13, row_weight, tg).mlir_module()
+        counts = (text.count("mosaic_gpu_v2"), text.count(pltriton.CUSTOM_CALL_TARGET_NAME))
+        assert counts == kernels, (fn, counts)
+
+
+def _row_weight(rows):
+    """Routing-like row weights in (0, 1], zero on the last tile (padding rows)."""
+    weight = jax.random.uniform(jax.random.key(7), (rows,), jnp.float32, 0.05, 1.0)
+    return weight.at[-rows // 8:].set(0.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "triton"])
-def test_grouped_swiglu_is_swiglu_of_the_grouped_matmul(backend):
+def test_grouped_swiglu_is_weighted_swiglu_of_the_grouped_matmul(backend):
     tile_group, tile = [0, 0, 2, 3, 4], 16
     x, w_flat, tg, _ = _problem(tile_group, tile, 32, 2 * 16, 4, jnp.float32)
     w13 = jnp.stack([w_flat[:, :, :16], w_flat[:, :, 16:]], axis=1)
+    row_weight = _row_weight(x.shape[0])
     ct = jax.random.normal(jax.random.key(5), (x.shape[0], 16), jnp.float32)
 
     def loss(fn):
-        return lambda a, b: jnp.sum(fn(a, b) * ct)
+        return lambda a, b, c: jnp.sum(fn(a, b, c) * ct)
 
-    got = jax.value_and_grad(loss(lambda a, b: grouped_swiglu(a, b, tg, tile=tile, backend=backend)),
-                             argnums=(0, 1))(x, w13)
-    want = jax.value_and_grad(loss(lambda a, b: swiglu(grouped_matmul(a, b, tg, tile=tile, backend="reference"))),
-                              argnums=(0, 1))(x, w13)
+    got = jax.value_and_grad(loss(lambda a, b, c: grouped_swiglu(a, b, tg, c, tile=tile, backend=backend)),
+                             argnums=(0, 1, 2))(x, w13, row_weight)
+    want = jax.value_and_grad(
+        loss(lambda a, b, c: weighted_swiglu(grouped_matmul(a, b, tg, tile=tile, backend="reference"), c)),
+        argnums=(0, 1, 2))(x, w13, row_weight)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _rel_err(g, r) < TOL[jnp.float32]
     with pytest.raises(ValueError, match=r"w13 must stack W1 and W3 as \[groups, 2, k, n\]"):
-        grouped_swiglu(x, w_flat, tg, tile=tile, backend=backend)
+        grouped_swiglu(x, w_flat, tg, row_weight, tile=tile, backend=backend)
+    with pytest.raises(ValueError, match=r"row_weight must have shape \(80,\), one per row of x"):
+        grouped_swiglu(x, w13, tg, row_weight[:-1], tile=tile, backend=backend)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="Mosaic GPU kernels need an sm_90 GPU (no interpret mode)")
 def test_mosaic_gpu_swiglu_equals_reference_on_hopper():
-    """The fused kernel: values and gradients against the reference, zeros on unused tiles, an empty group."""
+    """The fused kernel: values and gradients (rows, weights, row weights) against the reference, zeros on unused
+    tiles, an empty group."""
     tile = mosaic_gpu.layout_tile()
     tile_group = [0, 0, 0, 2, 3, 3, 4, 4]
     x, w_flat, tg, _ = _problem(tile_group, tile, 256, 2 * 256, 4, jnp.bfloat16)
     w13 = jnp.stack(jnp.split(w_flat, 2, axis=-1), axis=1)
+    row_weight = _row_weight(x.shape[0])
     ct = jax.random.normal(jax.random.key(5), (x.shape[0], 256), jnp.float32)
 
     def value_and_grads(backend, x_, w_):
-        def loss(a, b):
-            out = grouped_swiglu(a, b, tg, tile=tile, backend=backend)
+        def loss(a, b, c):
+            out = grouped_swiglu(a, b, tg, c, tile=tile, backend=backend)
             return jnp.sum(out.astype(jnp.float32) * ct), out
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x_, w_)
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x_, w_, row_weight)
         return (out, *grads)
 
     got = value_and_grads("mosaic_gpu", x, w13)
     want = value_and_grads("reference", x.astype(jnp.float32), w13.astype(jnp.float32))
-    for name, g, r in zip(("out", "dx", "dw"), got, want, strict=True):
+    for name, g, r in zip(("out", "dx", "dw", "d_row_weight"), got, want, strict=True):
         assert _rel_err(g, r) < TOL[jnp.bfloat16], (name, _rel_err(g, r))
     assert not np.any(np.asarray(got[0])[-2 * tile:]), "unused tiles must be zeros"
     assert not np.any(np.asarray(got[2])[1]), "a group without rows gets a zero weight gradient"
@@ -225,7 +243,7 @@ def test_mosaic_gpu_swiglu_equals_reference_on_hopper():
 @pytest.mark.parametrize("k, n, stacks", [(512, 256, 1), (256, 512, 1), (256, 256, 2)])
 def test_mosaic_gpu_equals_reference_on_hopper(k, n, stacks):
     """The Hopper kernels on the layout: uneven groups, an empty group, unused trailing tiles (which the kernels
-    leave unwritten: the backend must zero them); plain and stacked weights."""
+    write as zeros without a matmul); plain and stacked weights."""
     tile = mosaic_gpu.layout_tile()
     tile_group = [0, 0, 0, 2, 3, 3, 4, 4]
     x, w, tg, cotangent = _problem(tile_group, tile, k, n * stacks, 4, jnp.bfloat16)
