@@ -22,8 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import row_gather
-from pallas_kernels.manual_axes import like_primal, union_axes
+from pallas_kernels.manual_axes import like_primal
 
 
 class TileLayout(NamedTuple):
@@ -79,11 +78,9 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-    """``_take`` for a gather that nothing fuses into: on GPUs a Pallas-Triton row copy (``pallas_kernels.row_gather``;
-    not inside ``jax.shard_map``), elsewhere XLA's gather with 16-bit rows moved as pairs packed in uint32 words (on
-    an H100 the 32K x 1024 bf16 to-rows gather took 98 us this way, 119 us element by element)."""
-    if jax.default_backend() == "gpu" and row_gather.fits(x, index) and not union_axes(x, index):
-        return row_gather.gather_rows(x, index)
+    """``_take`` for a gather that nothing fuses into: 16-bit rows move as pairs packed in uint32 words (on an
+    H100 the 32K x 1024 bf16 to-rows gather took 98 us this way, 119 us element by element; a Pallas-Triton row
+    copy was no faster)."""
     if x.dtype.itemsize != 2 or x.shape[-1] % 2:
         return _take(x, index)
     words = jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)

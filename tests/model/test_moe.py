@@ -73,12 +73,12 @@ def test_weighted_swiglu_value_and_gradients_equal_autodiff_of_the_formula(dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_weighted_swiglu_gradient_kernel_equals_the_jnp_gradient(dtype, tol):
-    """The Pallas-Triton gradient kernel (interpret mode here) against ``weighted_swiglu_grad``."""
+    """The Pallas-Triton gradient kernel (interpret mode on CPU) against ``weighted_swiglu_grad``."""
     gate_up, row_weight, d_hidden = _swiglu_problem(dtype, rows=32, width=16)
-    assert kernel_fits(gate_up) and not kernel_fits(gate_up[:, :24]) and not kernel_fits(gate_up[:24])
-    got = weighted_swiglu_grad_kernel(gate_up, row_weight, d_hidden, interpret=True)
+    assert kernel_fits(gate_up) and not kernel_fits(gate_up[:, :24]) and not kernel_fits(gate_up[:17])
+    got = weighted_swiglu_grad_kernel(gate_up, row_weight, d_hidden, interpret=jax.default_backend() != "gpu")
     want = weighted_swiglu_grad(gate_up, row_weight, d_hidden)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape

@@ -62,7 +62,6 @@ def _plain_from_rows(rows, row_of_slot):
     (2, jnp.float32, 5),
     (2, jnp.bfloat16, 6),  # 16-bit rows gathered as packed uint32 pairs
     (2, jnp.bfloat16, 5),  # odd width: element by element
-    (2, jnp.bfloat16, 16),  # on GPUs: the row-gather kernel
 ])
 def test_to_rows_and_from_rows_equal_plain_gathers_with_gradients(k, dtype, width):
     rng = np.random.default_rng(k)
