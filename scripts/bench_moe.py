@@ -39,7 +39,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute and wei
 flags.DEFINE_integer("peak_size", 8192, "square matmul size for the reference matmul rate")
 flags.DEFINE_integer("group_size", 2048, "tokens per group of the one-hot dispatch baseline")
 flags.DEFINE_float("capacity_factor", 1.0, "capacity factor of the one-hot dispatch baseline")
-flags.DEFINE_float("router_skew", 1.0, "scale of the router weights (larger: more uneven expert loads)")
+flags.DEFINE_float("load_skew", 0.0, "uneven expert loads: a router-logit bias rising linearly over the experts "
+                   "from -load_skew to +load_skew (0: random tokens spread evenly)")
 flags.DEFINE_integer("trials", 7, "timing trials (median)")
 flags.DEFINE_float("min_trial_s", 0.05, "each timing trial lasts at least this long")
 flags.DEFINE_string("out_md", "", "also write the markdown table here")
@@ -54,8 +55,14 @@ def time_ms(fn: Callable, *args) -> float:
     return median_ms(fn, *args, trials=FLAGS.trials, min_trial_s=FLAGS.min_trial_s)
 
 
+def router_logits(x, router):
+    """``x @ router``, plus the ``--load_skew`` bias per expert."""
+    bias = FLAGS.load_skew * jnp.linspace(-1.0, 1.0, router.shape[-1])
+    return (x @ router + bias.astype(x.dtype)) if FLAGS.load_skew else x @ router
+
+
 def dropless_moe(x, router, w13, w2, backend="auto"):
-    routing = route(x @ router, FLAGS.top_k)
+    routing = route(router_logits(x, router), FLAGS.top_k)
     return dropless_experts(x, routing, w13, w2, backend=backend)
 
 
@@ -69,7 +76,7 @@ def dropless_xla(x, router, w13, w2):
 
 def layout_rows(x, router, num_experts: int, tile: int):
     """This run's routing as a tile-aligned layout, and the token rows gathered into it (as the MoE does)."""
-    layout = tile_layout(route(x @ router, FLAGS.top_k).experts.reshape(-1), num_experts, tile)
+    layout = tile_layout(route(router_logits(x, router), FLAGS.top_k).experts.reshape(-1), num_experts, tile)
     return layout, to_rows(x, layout, FLAGS.top_k)
 
 
@@ -151,7 +158,7 @@ def one_hot_dispatch(x, router, w13, w2):
     tokens, hidden = x.shape
     experts, k, group = w13.shape[0], FLAGS.top_k, FLAGS.group_size
     capacity = max(1, int(np.ceil(group * k / experts * FLAGS.capacity_factor)))
-    routing = route(x @ router, k)
+    routing = route(router_logits(x, router), k)
     xg = x.reshape(-1, group, hidden)
     mask = jax.nn.one_hot(routing.experts.reshape(-1, group, k), experts, dtype=jnp.int32)  # [G, S, k, E]
     # position of each (token, choice) in its expert's buffer: earlier tokens first, first choices first
@@ -207,7 +214,7 @@ def main(argv) -> None:
     normal = lambda key, shape, std: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)  # noqa: E731
     x = normal(keys[0], (tokens, hidden), 1.0)
     cotangent = jax.random.normal(keys[1], (tokens, hidden), jnp.float32).astype(dtype)
-    router = normal(keys[2], (hidden, experts), FLAGS.router_skew / np.sqrt(hidden))
+    router = normal(keys[2], (hidden, experts), 1 / np.sqrt(hidden))
     w13 = normal(keys[3], (experts, 2, hidden, inter), hidden ** -0.5)
     w2 = normal(keys[5], (experts, inter, hidden), inter ** -0.5)
     d1, d3 = (normal(keys[i], (hidden, k * inter), hidden ** -0.5) for i in (6, 7))
@@ -221,7 +228,7 @@ def main(argv) -> None:
     tune_lines = tune(x, router, w13) if FLAGS.tune else []
     check_line = check(x, router, w13, w2, cotangent) if FLAGS.check else ""
     model_flops = 3 * (2 * tokens * k * hidden * inter * 3 + 2 * tokens * hidden * experts)
-    counts = np.bincount(np.asarray(route(x @ router, k).experts).reshape(-1), minlength=experts)
+    counts = np.bincount(np.asarray(route(router_logits(x, router), k).experts).reshape(-1), minlength=experts)
     _, dropped = jax.jit(one_hot_dispatch)(x, router, w13, w2)
     rows = [matmuls_only_row(x, router, w13, w2, model_flops, peak)]
     for name, fn, args in (
