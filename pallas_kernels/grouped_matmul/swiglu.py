@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.manual_axes import like_primal
+
 GRAD_LAUNCH = {"rows": 8, "num_warps": 8}  # rows per program and warps of the gradient kernel (H100 sweep)
 
 
@@ -91,7 +93,10 @@ def _weighted_swiglu_fwd(gate_up, row_weight):
 
 
 def _weighted_swiglu_bwd(res, d_hidden):
-    return weighted_swiglu_grad(*res, d_hidden)
+    gate_up, row_weight = res
+    d_gate_up, d_row_weight = weighted_swiglu_grad(gate_up, row_weight, d_hidden)
+    # inside jax.shard_map a gradient must vary over the manual axes of its primal only
+    return like_primal(d_gate_up, gate_up), like_primal(d_row_weight, row_weight)
 
 
 weighted_swiglu.defvjp(_weighted_swiglu_fwd, _weighted_swiglu_bwd)
