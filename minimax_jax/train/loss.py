@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cross_entropy
+
 
 @jax.custom_vjp
 def logits_from_hidden(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
@@ -41,17 +43,11 @@ def _logits_bwd(res, d_logits):
 logits_from_hidden.defvjp(_logits_fwd, _logits_bwd)
 
 
-def _masked_token_loss_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-                           ) -> tuple[jax.Array, jax.Array]:
-    """``(sum(mask * (logsumexp(logits) - logits[target])), logsumexp(logits))`` for fp32 logits."""
-    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum((log_normalizer - target_logits) * loss_mask.astype(jnp.float32)), log_normalizer
-
-
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """``sum(mask * (logsumexp(logits) - logits[target]))``, fp32 scalar."""
-    return _masked_token_loss_sum(logits.astype(jnp.float32), targets, loss_mask)[0]
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * loss_mask.astype(jnp.float32))
 
 
 def _split_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
@@ -102,13 +98,11 @@ def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
 
     def body(d_lm_head, xs):
         h, t, m = xs
-        # in the compute dtype as logits_from_hidden: with bf16, half the bytes for the passes below
-        logits = jnp.einsum("bcd,dv->bcv", h, weights).astype(jnp.float32)
-        loss, log_normalizer = _masked_token_loss_sum(logits, t, m)
-        # d loss / d logits = mask * (softmax - onehot(target)), rounded once to the compute dtype
-        is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None].astype(jnp.int32)
-        mask = m.astype(jnp.float32)[..., None]
-        d_logits = ((jnp.exp(logits - log_normalizer[..., None]) - is_target) * mask).astype(h.dtype)
+        # in the compute dtype as logits_from_hidden: with bf16, half the bytes for the pass below
+        logits = jnp.einsum("bcd,dv->bcv", h, weights)
+        row_loss, d_logits = _loss_and_logit_grad(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), m.reshape(-1))
+        loss = jnp.sum(row_loss)
+        d_logits = d_logits.reshape(logits.shape)
         d_h = jnp.einsum("bcv,dv->bcd", d_logits, weights)
         d_lm_head = d_lm_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
         return d_lm_head, (loss, d_h)
@@ -117,6 +111,14 @@ def _chunked_fwd(hidden, lm_head, targets, loss_mask, chunk_size):
     d_lm_head, (losses, d_hidden) = jax.lax.scan(body, jnp.zeros(lm_head.shape, jnp.float32), chunks)
     dtype_token = jnp.zeros((0,), lm_head.dtype)  # residuals must be arrays: carries lm_head's dtype
     return jnp.sum(losses), (_merge_chunks(d_hidden), d_lm_head, dtype_token)
+
+
+def _loss_and_logit_grad(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row losses and ``d loss / d logits = mask * (softmax - onehot(target))`` (rounded once to the logits' dtype)
+    of ``[rows, vocab]`` logits: one Pallas-Triton kernel on GPUs (XLA makes three passes over the logits)."""
+    if jax.default_backend() == "gpu" and cross_entropy.kernel_fits(logits):
+        return cross_entropy.softmax_cross_entropy_grad_kernel(logits, targets, loss_mask)
+    return cross_entropy.softmax_cross_entropy_grad(logits, targets, loss_mask)
 
 
 def _chunked_bwd(chunk_size, res, g):

@@ -50,10 +50,12 @@ def test_forward_lowers_for_cuda(d):
     assert "num_warps" in text
 
 
-def test_backward_lowers_for_cuda():
+@pytest.mark.parametrize("feature_map", ["identity", "silu"])
+def test_backward_lowers_for_cuda(feature_map):
     def grads(q, k, v, decay):
         def loss(q_, k_, v_):
-            o, s = lightning_attention(q_, k_, v_, decay, backend="triton", return_final_state=True)
+            o, s = lightning_attention(q_, k_, v_, decay, backend="triton", return_final_state=True,
+                                       feature_map=feature_map)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
