@@ -1,9 +1,7 @@
 """Lightning attention mixer of MiniMax-Text-01 (attention type 0): linear attention with per-head exponential decay.
 
-The recurrence itself is ``pallas_kernels.lightning.lightning_attention``; this module computes its inputs (q, k, v
-projections and the decay rates) and its output path (one RMSNorm over all heads, sigmoid gate, output projection).
-Training passes the pre-SiLU projections with ``feature_map="silu"``, so the Triton kernels apply SiLU (and its
-derivative in the backward pass) on load instead of three extra XLA passes each way.
+The recurrence itself is ``pallas_kernels.lightning.lightning_attention``; this module computes its inputs (SiLU'd
+q, k, v and the decay rates) and its output path (one RMSNorm over all heads, sigmoid gate, output projection).
 """
 
 from __future__ import annotations
@@ -67,28 +65,22 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
       decay: fp32 ``[heads]`` decay rates s_h of this layer.
       block_size: the op's block length (None: the backend's tuned default; it does not change the math).
     """
-    q, k, v = lightning_qkv_projections(x, qkv_proj)
-    o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size,
-                                              feature_map="silu")
+    q, k, v = lightning_qkv(x, qkv_proj)
+    o = lightning_kernels.lightning_attention(q, k, v, decay, segment_ids=segment_ids, block_size=block_size)
     o = checkpoint_name(o, KERNEL_OUTPUT)  # remat policies may keep it (a Pallas kernel, not an XLA dot)
     return lightning_output(o, x, output_gate=output_gate, norm=norm, out_proj=out_proj)
 
 
-def lightning_qkv_projections(x: jax.Array, qkv_proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``x @ Wqkv`` (before SiLU) split per head into q, k, v, each ``[batch, seq, heads, head_dim]`` in ``x.dtype``.
+def lightning_qkv(x: jax.Array, qkv_proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``silu(x @ Wqkv)`` split per head into q, k, v, each ``[batch, seq, heads, head_dim]`` in ``x.dtype``.
 
     Three matmuls on column slices of the weight rather than one whose output is split: slicing the weight is
     cheap, while splitting the activation copies q, k and v (and concatenates their gradients) in every layer.
     """
     head_dim = qkv_proj.shape[-1] // 3
     weights = qkv_proj.astype(x.dtype)
-    q, k, v = (jnp.einsum("btd,dhk->bthk", x, weights[..., i * head_dim:(i + 1) * head_dim]) for i in range(3))
-    return q, k, v
-
-
-def lightning_qkv(x: jax.Array, qkv_proj: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``silu(x @ Wqkv)`` split per head into q, k, v (see ``lightning_qkv_projections``)."""
-    q, k, v = (jax.nn.silu(p) for p in lightning_qkv_projections(x, qkv_proj))
+    q, k, v = (jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, weights[..., i * head_dim:(i + 1) * head_dim]))
+               for i in range(3))
     return q, k, v
 
 
@@ -123,8 +115,7 @@ def lightning_mixer_with_state(x: jax.Array, *, qkv_proj: jax.Array, output_gate
 
     ``valid`` (bool ``[batch, seq]``, optional) marks real tokens; k and v are zeroed elsewhere, so a padding
     position adds nothing to the state (and a zero state stays exactly zero through leading padding). One token
-    uses the recurrent form; longer chunks the blocked op, which continues exactly from ``state``. SiLU stays
-    explicit here (not the op's fused ``feature_map``) because padding zeroes k and v after it.
+    uses the recurrent form; longer chunks the blocked op, which continues exactly from ``state``.
     """
     q, k, v = lightning_qkv(x, qkv_proj)
     if valid is not None:

@@ -17,23 +17,15 @@ Semantics decided here (every backend follows them):
 * ``final_state`` is the fp32 state after position ``T - 1``: it holds the last segment only (plus the decayed
   initial state when the row is a single segment). Passing it as ``initial_state`` of the continuation (whose first
   segment id equals the last id here) is exact: chunked prefill and decode are legitimate.
-* ``feature_map`` ``"silu"`` computes exactly the op on ``(silu(q), silu(k), silu(v))`` with gradients w.r.t. the
-  given pre-activations; ``"identity"`` (default) uses q, k, v as given.
 * Gradients flow to ``q``, ``k``, ``v`` and ``initial_state``. ``decay`` gets a ZERO cotangent and
   ``segment_ids`` none (they are treated as constants; MiniMax decays are fixed, not trained).
 
 CONTRACT FOR PALLAS BACKENDS (``triton_backend.py``, ``mosaic.py``). A backend module exposes::
 
     DEFAULT_BLOCK_SIZE: int            # optional; the block used when the caller passes block_size=None
-    FUSED_FEATURE_MAPS: tuple[str]     # optional; feature maps the backend applies itself (default none)
-    forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret[, feature_map]) -> (o, final_state)
-    backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret[, feature_map])
+    forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret) -> (o, final_state)
+    backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret)
         -> (dq, dk, dv, dinitial_state)
-
-``feature_map`` is passed only when it is one of ``FUSED_FEATURE_MAPS`` (never ``"identity"``): q, k, v are then
-pre-activations, the backend computes the op on ``feature_map(q), feature_map(k), feature_map(v)`` and returns
-``dq, dk, dv`` w.r.t. the pre-activations. For any other backend (and the xla tail below) this module applies the
-feature map in JAX first, so such backends never see it.
 
 Inputs are already validated by this module and satisfy:
 
@@ -72,7 +64,6 @@ from pallas_kernels.lightning import reference as _reference
 from pallas_kernels.lightning import xla as _xla
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic")
-FEATURE_MAPS = {"identity": lambda x: x, "silu": jax.nn.silu}
 _MODULES = {"xla": "pallas_kernels.lightning.xla", "triton": "pallas_kernels.lightning.triton_backend",
             "mosaic": "pallas_kernels.lightning.mosaic"}
 _FALLBACK_BLOCK = {"xla": 256, "triton": 64, "mosaic": 256}
@@ -112,22 +103,6 @@ def segment_index(segment_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
 
 
-def _fused_feature_maps(backend: str) -> tuple[str, ...]:
-    """The feature maps a backend applies inside its kernels (``FUSED_FEATURE_MAPS``; none for reference, xla)."""
-    if backend in ("reference", "xla"):
-        return ()
-    return tuple(getattr(_backend_module(backend), "FUSED_FEATURE_MAPS", ()))
-
-
-def _apply_feature_map(feature_map, backend, q, k, v):
-    """Applies ``feature_map`` to q, k, v in JAX unless ``backend`` fuses it; returns them and the map left to the
-    backend (``"identity"`` once applied here)."""
-    if feature_map == "identity" or feature_map in _fused_feature_maps(backend):
-        return q, k, v, feature_map
-    fn = FEATURE_MAPS[feature_map]
-    return fn(q), fn(k), fn(v), "identity"
-
-
 def _validate(q, k, v, decay, segment_ids, initial_state, block_size) -> None:
     """Raises ValueError naming the first problem with the arguments."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -164,30 +139,24 @@ def _validate(q, k, v, decay, segment_ids, initial_state, block_size) -> None:
         raise ValueError(f"lightning_attention: block_size must be a positive int or None, got {block_size!r}")
 
 
-def _backend_kwargs(block_size, interpret, feature_map):
-    """Keyword arguments of ``backend.forward / backward``: ``feature_map`` only when the backend fuses one."""
-    kw = dict(block_size=block_size, interpret=interpret)
-    return kw if feature_map == "identity" else dict(kw, feature_map=feature_map)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _blocked(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret, feature_map):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _blocked(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret):
     """``backend.forward`` on a multiple-of-block sequence, differentiable through ``backend.backward``."""
-    return _backend_module(backend).forward(q, k, v, decay, seg_idx, initial_state,
-                                            **_backend_kwargs(block_size, interpret, feature_map))
+    return _backend_module(backend).forward(q, k, v, decay, seg_idx, initial_state, block_size=block_size,
+                                            interpret=interpret)
 
 
-def _blocked_fwd(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret, feature_map):
-    out = _blocked(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret, feature_map)
+def _blocked_fwd(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret):
+    out = _blocked(q, k, v, decay, seg_idx, initial_state, backend, block_size, interpret)
     return out, (q, k, v, decay, seg_idx, initial_state)
 
 
-def _blocked_bwd(backend, block_size, interpret, feature_map, res, cotangents):
+def _blocked_bwd(backend, block_size, interpret, res, cotangents):
     q, k, v, decay, seg_idx, initial_state = res
     do, dfinal = cotangents
     dq, dk, dv, dinit = _backend_module(backend).backward(
         q, k, v, decay, seg_idx, initial_state, do.astype(q.dtype), dfinal.astype(jnp.float32),
-        **_backend_kwargs(block_size, interpret, feature_map))
+        block_size=block_size, interpret=interpret)
     return dq, dk, dv, jnp.zeros_like(decay), None, dinit
 
 
@@ -206,7 +175,6 @@ def lightning_attention(
     block_size: int | None = None,
     backend: str = "auto",
     interpret: bool = False,
-    feature_map: str = "identity",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Decayed linear attention of MiniMax-01 (see the module docstring for semantics).
 
@@ -219,19 +187,13 @@ def lightning_attention(
       block_size: block length of the blocked backends (None: the backend's default).
       backend: ``auto`` | ``reference`` | ``xla`` | ``triton`` | ``mosaic``.
       interpret: run a Pallas backend in interpret mode (CPU).
-      feature_map: ``identity`` | ``silu``: the op runs on ``silu(q), silu(k), silu(v)``, gradients w.r.t. the
-        given q, k, v; backends that fuse it (triton) never write the post-silu tensors to HBM.
     Returns:
       ``o`` or ``(o, final_state)``.
     """
     _validate(q, k, v, decay, segment_ids, initial_state, block_size)
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"lightning_attention: unknown feature_map {feature_map!r}; expected one of "
-                         f"{tuple(FEATURE_MAPS)}")
     name = resolve_backend(backend)
     block = block_size if block_size is not None else default_block_size(name)
-    o, final = _lightning(q, k, v, decay.astype(jnp.float32), segment_ids, initial_state, name, block, interpret,
-                          feature_map)
+    o, final = _lightning(q, k, v, decay.astype(jnp.float32), segment_ids, initial_state, name, block, interpret)
     return (o, final) if return_final_state else o
 
 
@@ -245,10 +207,9 @@ def _zero_state_like(q: jax.Array) -> jax.Array:
     return jnp.zeros((b, h, d, d), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
-def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpret, feature_map):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpret):
     """Jitted body of ``lightning_attention`` on validated arguments: ``(o, final_state)``."""
-    q, k, v, feature_map = _apply_feature_map(feature_map, name, q, k, v)
     if name == "reference":
         return _reference.lightning_attention_reference(q, k, v, decay, segment_ids=segment_ids,
                                                         initial_state=initial_state)
@@ -261,13 +222,11 @@ def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpre
     t0 = (t // block) * block
     outs = []
     if t0 > 0:
-        o, state = _blocked(q[:, :t0], k[:, :t0], v[:, :t0], decay, seg_idx[:, :t0], state, name, block, interpret,
-                            feature_map)
+        o, state = _blocked(q[:, :t0], k[:, :t0], v[:, :t0], decay, seg_idx[:, :t0], state, name, block, interpret)
         outs.append(o)
     if t0 < t:
         tail_idx = seg_idx[:, t0:] - (seg_idx[:, t0 - 1 : t0] if t0 > 0 else 0)
-        qt, kt, vt, tail_map = _apply_feature_map(feature_map, "xla", q[:, t0:], k[:, t0:], v[:, t0:])
-        o, state = _blocked(qt, kt, vt, decay, tail_idx, state, "xla", t - t0, False, tail_map)
+        o, state = _blocked(q[:, t0:], k[:, t0:], v[:, t0:], decay, tail_idx, state, "xla", t - t0, False)
         outs.append(o)
     o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return o, state

@@ -8,10 +8,6 @@ Backward: states again (recomputed, not stored); ``W = chunk_states(Q, dO, rever
 dS0); then dQ, dK, dV from three ``chunk_outputs`` calls (see ``triton_kernels.py``).
 ``coef[c, j] = prod_{m=j}^{c-1} G_m`` with ``G_m = exp(-s len_m)`` if chunk m is one segment continuing the
 previous one, else 0: an ``(N+1) x (N+1)`` matrix per (batch, head), cheap for the few chunks used here.
-
-``feature_map="silu"`` (``FUSED_FEATURE_MAPS``): q, k, v are pre-activations; every kernel applies silu to them on
-load, and the dq / dk / dv kernels multiply by ``silu'`` of q / k / v before storing (gradients w.r.t. the
-pre-activations). dO is never passed through silu.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ from jax import lax
 from pallas_kernels.lightning import triton_kernels as tk
 
 DEFAULT_BLOCK_SIZE = 64
-FUSED_FEATURE_MAPS = ("silu",)  # ops.py passes these to forward / backward instead of applying them in JAX
 # Launch shape knobs of the forward and the backward pass, read at trace time (scripts/bench_lightning.py --tune
 # sweeps them): programs to aim for (a few per H100 multiprocessor), fewest blocks per chunk (one-block chunks make
 # the O(chunks^2) state combine dominate short sequences), widest column tile, Triton warps and stages.
@@ -81,62 +76,48 @@ def _coef(seg, prev_blk, decay, block, chunk_blocks, n_chunks):
     return jnp.where(ok[:, None], decayed[None], 0.0)
 
 
-def _silu_flag(feature_map):
-    """Whether q, k, v are pre-activations the kernels pass through silu (``feature_map`` checked by ops.py)."""
-    if feature_map not in ("identity", *FUSED_FEATURE_MAPS):
-        raise ValueError(f"triton backend: unsupported feature_map {feature_map!r}")
-    return feature_map == "silu"
-
-
-def _states(k, v, decay, seg, prev_blk, initial_state, block, tile, chunk_blocks, n_chunks, interpret, knobs, silu):
+def _states(k, v, decay, seg, prev_blk, initial_state, block, tile, chunk_blocks, n_chunks, interpret, knobs):
     """States at chunk boundaries ``x`` ``[B, H, N+1, D, D]``: x[:, :, c] enters chunk c, x[:, :, N] is final."""
     u = tk.chunk_states(decay, seg, prev_blk, k, v, block=block, chunk_blocks=chunk_blocks, tile=tile,
-                        reverse=False, silu=(silu, silu), interpret=interpret, **_launch(knobs))
+                        reverse=False, interpret=interpret, **_launch(knobs))
     y = jnp.concatenate([initial_state[:, :, None], u], axis=2)
     coef = _coef(seg, prev_blk, decay, block, chunk_blocks, n_chunks)
     return jnp.einsum("bhcj,bhjde->bhcde", coef, y, precision=lax.Precision.HIGHEST), coef
 
 
-def forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret=False, feature_map="identity"):
+def forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret=False):
     """``(o, final_state)`` for ``T`` a multiple of ``block_size`` (contract in ``ops.py``)."""
-    silu = _silu_flag(feature_map)
     b, t, h, d = q.shape
     knobs = _knobs("fwd", q.dtype)
     tile, chunk_blocks, n_chunks = _plan(b, t, h, d, block_size, knobs)
     seg = segment_ids.astype(jnp.int32)
     prev_blk = _prev_blk(seg, block_size)
     x, _ = _states(k, v, decay, seg, prev_blk, initial_state, block_size, tile, chunk_blocks, n_chunks, interpret,
-                   knobs, silu)
-    o = tk.chunk_outputs(decay, seg, prev_blk, q, k, v, x[:, :, :n_chunks], block=block_size,
-                         chunk_blocks=chunk_blocks, tile=tile, reverse=False, state_t=False, silu=(silu,) * 3,
-                         interpret=interpret, **_launch(knobs))
+                   knobs)
+    o = tk.chunk_outputs(decay, seg, prev_blk, q, k, v, x, block=block_size,
+                         chunk_blocks=chunk_blocks, tile=tile, reverse=False, state_t=False, interpret=interpret,
+                         **_launch(knobs))
     return o, x[:, :, n_chunks]
 
 
-def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret=False,
-             feature_map="identity"):
+def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret=False):
     """``(dq, dk, dv, dinitial_state)`` (contract in ``ops.py``); states are recomputed, not stored."""
-    silu = _silu_flag(feature_map)
     b, t, h, d = q.shape
     knobs = _knobs("bwd", q.dtype)
     tile, chunk_blocks, n_chunks = _plan(b, t, h, d, block_size, knobs)
     seg = segment_ids.astype(jnp.int32)
     prev_blk = _prev_blk(seg, block_size)
     x, coef = _states(k, v, decay, seg, prev_blk, initial_state, block_size, tile, chunk_blocks, n_chunks,
-                      interpret, knobs, silu)
+                      interpret, knobs)
     w = tk.chunk_states(decay, seg, prev_blk, q, do, block=block_size, chunk_blocks=chunk_blocks, tile=tile,
-                        reverse=True, silu=(silu, False), interpret=interpret, **_launch(knobs))
+                        reverse=True, interpret=interpret, **_launch(knobs))
     y = jnp.concatenate([w, dfinal_state[:, :, None]], axis=2)
     z = jnp.einsum("bhjc,bhjde->bhcde", coef, y, precision=lax.Precision.HIGHEST)  # z[:, :, c] = dL/dx_c
     kw = dict(block=block_size, chunk_blocks=chunk_blocks, tile=tile, interpret=interpret, **_launch(knobs))
-    # With silu: silu on every q / k / v operand (never dO), and silu' of the pre-activation whose gradient it is.
-    q_pre, k_pre, v_pre = (q, k, v) if silu else (None, None, None)
-    dq = tk.chunk_outputs(decay, seg, prev_blk, do, v, k, x[:, :, :n_chunks], q_pre, reverse=False, state_t=True,
-                          silu=(False, silu, silu), **kw)
-    dk = tk.chunk_outputs(decay, seg, prev_blk, v, do, q, z[:, :, 1:], k_pre, reverse=True, state_t=True,
-                          silu=(silu, False, silu), **kw)
-    dv = tk.chunk_outputs(decay, seg, prev_blk, k, q, do, z[:, :, 1:], v_pre, reverse=True, state_t=False,
-                          silu=(silu, silu, False), **kw)
+    dq = tk.chunk_outputs(decay, seg, prev_blk, do, v, k, x, reverse=False, state_t=True, **kw)
+    # chunk c reads z[:, :, c + 1], the gradient of the state leaving it
+    dk = tk.chunk_outputs(decay, seg, prev_blk, v, do, q, z, reverse=True, state_t=True, state_offset=1, **kw)
+    dv = tk.chunk_outputs(decay, seg, prev_blk, k, q, do, z, reverse=True, state_t=False, state_offset=1, **kw)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), z[:, :, 0]
 
 

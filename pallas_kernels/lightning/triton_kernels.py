@@ -15,12 +15,6 @@ position before block ``n`` (0 for the first block).
   positions backwards (``j >= i``). With (A, B, C) = (Q, K, V) this is the output; (dO, V, K) with S^T gives dQ;
   reversed, (K, Q, dO) gives dV and (V, dO, Q) with dS^T gives dK.
 Only non-positive exponents appear. Matmuls take operands in ``mm_dtype`` and accumulate in fp32.
-
-Fused SiLU feature map: static ``silu`` flags (one per input operand) apply ``silu`` on load (fp32 math, then the
-matmul dtype), so callers pass pre-activations and post-SiLU tensors never reach HBM. ``chunk_outputs`` optionally
-reads the pre-activation ``pre`` of the tensor whose gradient it writes and multiplies its output by ``silu'(pre)``
-before the store, returning the gradient with respect to the pre-activation. All flags are static: off, the
-kernels are the plain identity-map kernels (no extra loads or math).
 """
 
 from __future__ import annotations
@@ -44,28 +38,13 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _silu(x, on):
-    """``silu(x)`` in fp32 when ``on`` (a static flag), else ``x`` unchanged."""
-    if not on:
-        return x
-    x = x.astype(F32)
-    return x * jax.nn.sigmoid(x)
-
-
-def _silu_grad(p):
-    """``silu'(p) = sigmoid(p) (1 + p (1 - sigmoid(p)))`` in fp32."""
-    p = p.astype(F32)
-    sig = jax.nn.sigmoid(p)
-    return sig * (1.0 + p * (1.0 - sig))
-
-
 def _program(heads):
     bh, c, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     return bh // heads, bh % heads, c, vt
 
 
 def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads, block, chunk_blocks, seq, tile,
-                  reverse, mm_dtype, silu):
+                  reverse, mm_dtype):
     b, h, c, vt = _program(heads)
     s = decay_ref[h]
     start = c * (chunk_blocks * block)
@@ -77,8 +56,8 @@ def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads,
 
     def body(i, acc):
         t0 = start + i * block
-        bm = _silu(b_ref[b, pl.ds(t0, block), h, :], silu[0]).astype(F32)
-        cv = _silu(c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)], silu[1]).astype(mm_dtype)
+        bm = b_ref[b, pl.ds(t0, block), h, :].astype(F32)
+        cv = c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)].astype(mm_dtype)
         idx = seg_ref[b, pl.ds(t0, block)]
         dist = (t0 + r - start + 1) if reverse else (end - 1 - t0 - r)
         w = jnp.where(idx == ref_idx, jnp.exp(-s * dist.astype(F32)), 0.0)
@@ -88,17 +67,16 @@ def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads,
     out_ref[b, h, c, :, pl.ds(vt * tile, tile)] = acc
 
 
-def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref, *refs, heads, block,
-                   chunk_blocks, seq, tile, reverse, state_t, mm_dtype, silu):
-    pre_ref, out_ref = refs if len(refs) == 2 else (None, refs[0])  # pre_ref: the silu' epilogue's input
+def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref, out_ref, *, heads, block,
+                   chunk_blocks, seq, tile, reverse, state_t, state_offset, mm_dtype):
     b, h, c, vt = _program(heads)
     s = decay_ref[h]
     start = c * (chunk_blocks * block)
     nblk = jnp.minimum(chunk_blocks, (seq - start) // block)
     if state_t:
-        state = state_ref[b, h, c, pl.ds(vt * tile, tile), :].T
+        state = state_ref[b, h, c + state_offset, pl.ds(vt * tile, tile), :].T
     else:
-        state = state_ref[b, h, c, :, pl.ds(vt * tile, tile)]
+        state = state_ref[b, h, c + state_offset, :, pl.ds(vt * tile, tile)]
     r = lax.broadcasted_iota(jnp.int32, (block,), 0)
     ri = lax.broadcasted_iota(jnp.int32, (block, block), 0)
     rj = lax.broadcasted_iota(jnp.int32, (block, block), 1)
@@ -112,9 +90,9 @@ def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref,
     def body(i, st):
         k = (nblk - 1 - i) if reverse else i
         t0 = start + k * block
-        a = _silu(a_ref[b, pl.ds(t0, block), h, :], silu[0])
-        bm = _silu(b_ref[b, pl.ds(t0, block), h, :], silu[1])
-        cv = _silu(c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)], silu[2]).astype(mm_dtype)
+        a = a_ref[b, pl.ds(t0, block), h, :]
+        bm = b_ref[b, pl.ds(t0, block), h, :]
+        cv = c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)].astype(mm_dtype)
         idx = seg_ref[b, pl.ds(t0, block)]
         prev = prev_ref[b, t0 // block]
         last = jnp.max(idx)
@@ -124,8 +102,6 @@ def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref,
         out = _dot(p.astype(mm_dtype), cv)
         aw = a.astype(F32) * jnp.where(idx == st_idx, inter_dec, 0.0)[:, None]
         out = out + _dot(aw.astype(mm_dtype), st.astype(mm_dtype))
-        if pre_ref is not None:
-            out = out * _silu_grad(pre_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)])
         out_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)] = out.astype(out_ref.dtype)
         g = jnp.where(last == prev, g_full, 0.0)
         bw = bm.astype(F32) * jnp.where(idx == up_idx, upd_dec, 0.0)[:, None]
@@ -138,17 +114,16 @@ def _params(num_warps, num_stages):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "silu", "interpret",
+@functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "interpret",
                                              "num_warps", "num_stages"))
-def chunk_states(decay, seg, prev_blk, bmat, cmat, *, block, chunk_blocks, tile, reverse, silu=(False, False),
-                 interpret=False, num_warps=4, num_stages=2):
-    """Per-chunk weighted ``B^T C`` sums, fp32 ``[batch, heads, chunks, D, D]`` (see the module docstring);
-    ``silu[i]`` applies silu to the i-th of (B, C) on load."""
+def chunk_states(decay, seg, prev_blk, bmat, cmat, *, block, chunk_blocks, tile, reverse, interpret=False,
+                 num_warps=4, num_stages=2):
+    """Per-chunk weighted ``B^T C`` sums, fp32 ``[batch, heads, chunks, D, D]`` (see the module docstring)."""
     b, t, h, d = bmat.shape
     n_chunks = pl.cdiv(t // block, chunk_blocks)
     mm_dtype = F32 if interpret else bmat.dtype
     kernel = functools.partial(_state_kernel, heads=h, block=block, chunk_blocks=chunk_blocks, seq=t, tile=tile,
-                               reverse=reverse, mm_dtype=mm_dtype, silu=tuple(silu))
+                               reverse=reverse, mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, h, n_chunks, d, d), F32),
@@ -159,18 +134,17 @@ def chunk_states(decay, seg, prev_blk, bmat, cmat, *, block, chunk_blocks, tile,
     )(decay, seg, prev_blk, bmat, cmat)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "state_t", "silu",
+@functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "state_t", "state_offset",
                                              "interpret", "num_warps", "num_stages"))
-def chunk_outputs(decay, seg, prev_blk, amat, bmat, cmat, states, pre=None, *, block, chunk_blocks, tile, reverse,
-                  state_t, silu=(False, False, False), interpret=False, num_warps=4, num_stages=2):
-    """Outputs ``[batch, seq, heads, D]`` (dtype of ``amat``) from per-chunk entering states (module docstring);
-    ``silu[i]`` applies silu to the i-th of (A, B, C) on load; ``pre`` (optional, ``[batch, seq, heads, D]``)
-    multiplies the outputs by ``silu'(pre)``."""
+def chunk_outputs(decay, seg, prev_blk, amat, bmat, cmat, states, *, block, chunk_blocks, tile, reverse, state_t,
+                  state_offset=0, interpret=False, num_warps=4, num_stages=2):
+    """Outputs ``[batch, seq, heads, D]`` (dtype of ``amat``) from per-chunk entering states (module docstring):
+    chunk ``c`` reads ``states[:, :, c + state_offset]`` (an offset instead of a sliced copy of the states)."""
     b, t, h, d = amat.shape
     n_chunks = pl.cdiv(t // block, chunk_blocks)
     mm_dtype = F32 if interpret else amat.dtype
     kernel = functools.partial(_output_kernel, heads=h, block=block, chunk_blocks=chunk_blocks, seq=t, tile=tile,
-                               reverse=reverse, state_t=state_t, mm_dtype=mm_dtype, silu=tuple(silu))
+                               reverse=reverse, state_t=state_t, state_offset=state_offset, mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, t, h, d), amat.dtype),
@@ -178,4 +152,4 @@ def chunk_outputs(decay, seg, prev_blk, amat, bmat, cmat, states, pre=None, *, b
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="lightning_chunk_outputs_rev" if reverse else "lightning_chunk_outputs",
-    )(decay, seg, prev_blk, amat, bmat, cmat, states, *(() if pre is None else (pre,)))
+    )(decay, seg, prev_blk, amat, bmat, cmat, states)

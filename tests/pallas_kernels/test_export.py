@@ -50,12 +50,10 @@ def test_forward_lowers_for_cuda(d):
     assert "num_warps" in text
 
 
-@pytest.mark.parametrize("feature_map", ["identity", "silu"])
-def test_backward_lowers_for_cuda(feature_map):
+def test_backward_lowers_for_cuda():
     def grads(q, k, v, decay):
         def loss(q_, k_, v_):
-            o, s = lightning_attention(q_, k_, v_, decay, backend="triton", return_final_state=True,
-                                       feature_map=feature_map)
+            o, s = lightning_attention(q_, k_, v_, decay, backend="triton", return_final_state=True)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)

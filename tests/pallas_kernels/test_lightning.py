@@ -124,46 +124,6 @@ def test_default_chunking_with_multi_block_chunks(monkeypatch):
         assert _rel(x, y) < 1e-5, name
 
 
-@pytest.mark.parametrize("impl", [("reference", None, False), *IMPLS[:2]], ids=lambda x: f"{x[0]}-C{x[1]}")
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_silu_feature_map_matches_explicit_silu(impl, dtype):
-    """``feature_map="silu"`` (fused in the Triton kernels) equals the op on silu'd inputs, gradients w.r.t. the
-    pre-activations included: segments, an initial state and a tail (37 = two blocks of 16 plus 5)."""
-    backend, block, interpret = impl
-    seed = hash(("silu", backend, str(dtype))) % 2**31
-    q, k, v, decay, seg, init = _inputs(seed, 2, 37, 2, 16, dtype, n_segments=3)
-    q, k, v = (2 * x for x in (q, k, v))  # pre-activations on both sides of silu's bend
-
-    def explicit(q_, k_, v_, s_):
-        q_, k_, v_ = (jax.nn.silu(x.astype(jnp.float32)) for x in (q_, k_, v_))
-        return lightning_attention(q_, k_, v_, decay, segment_ids=seg, initial_state=s_, return_final_state=True,
-                                   backend="reference")
-
-    def fused(q_, k_, v_, s_):
-        return lightning_attention(q_, k_, v_, decay, segment_ids=seg, initial_state=s_, return_final_state=True,
-                                   backend=backend, block_size=block, interpret=interpret, feature_map="silu")
-
-    o_ref, s_ref, g_ref = _run(explicit, q, k, v, init, seed)
-    o, s, g = _run(fused, q, k, v, init, seed)
-    assert o.dtype == q.dtype
-    tol = TOL[dtype]
-    assert _rel(o, o_ref) < tol and _rel(s, s_ref) < tol
-    for name, x, y in zip(["dq", "dk", "dv", "dinit"], g, g_ref, strict=True):
-        assert x.dtype == y.dtype and _rel(x, y) < tol, f"{name}: {_rel(x, y)}"
-
-
-@pytest.mark.parametrize("t, tail_calls", [(32, 0), (37, 3)])
-def test_triton_fuses_silu(monkeypatch, t, tail_calls):
-    """The Triton backend applies silu in its kernels: JAX applies it only to the xla tail's q, k, v."""
-    calls = []
-    monkeypatch.setitem(ops.FEATURE_MAPS, "silu", lambda x: calls.append(x.shape) or jax.nn.silu(x))
-    q, k, v, decay, _, init = _inputs(13, 1, t, 2, 16, jnp.float32)
-    loss = lambda q_, k_, v_: jnp.sum(lightning_attention(  # noqa: E731
-        q_, k_, v_, decay, initial_state=init, backend="triton", block_size=16, interpret=True, feature_map="silu"))
-    jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)  # tracing is enough
-    assert calls == [(1, t - 32, 2, 16)] * tail_calls
-
-
 def _defining_sum_f64(q, k, v, decay, seg, init):
     """Direct O(T^2) float64 evaluation of o_t = sum exp(-s(t-tau)) (q_t.k_tau) v_tau (+ initial state)."""
     q, k, v, decay, init = (np.asarray(x, np.float64) for x in (q, k, v, decay, init))
@@ -239,7 +199,6 @@ def test_auto_backend_is_xla_on_cpu():
         (dict(initial_state=jnp.zeros((1, 2, 16, 16), jnp.bfloat16)), "initial_state must be float32"),
         (dict(backend="cuda"), "unknown backend"),
         (dict(block_size=0), "block_size must be"),
-        (dict(feature_map="relu"), "unknown feature_map"),
     ],
 )
 def test_bad_inputs_raise(change, message):
