@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,31 +76,74 @@ def tokamax_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
     """``causal_gqa_attention`` through tokamax's flash attention (fused forward and backward kernels).
 
     Segments become a per-query ``k_start`` (a query sees the keys from its segment's first position up to
-    itself): the same mask as ``segment_mask`` & causal, since segments are contiguous runs. The kernels skip key
-    blocks outside that range and read k, v per kv head (no repeat).
+    itself): the same mask as ``segment_mask`` & causal, since segments are contiguous runs. The forward kernel skips
+    key blocks outside that range (tokamax's backward kernels do not); both read k, v per kv head (no repeat).
+    The output and softmax statistics are kept for the backward pass even under ``jax.checkpoint``
+    (``_flash_attention``).
 
     Args:
       kernels: tokamax implementations to try in order (``TOKAMAX_KERNELS``; one that does not take the inputs or
         the device is skipped). None: ``mosaic_gpu`` (sm80+), then ``triton`` on GPU; ``xla`` (tokamax's
         reference path) elsewhere.
     """
-    from tokamax._src.ops.attention import api as tokamax_api  # per-query k_start is not in tokamax's public API
-    from tokamax._src.ops.attention import base as tokamax_base
-
     if kernels is None:
         kernels = ("mosaic_gpu", "triton") if jax.default_backend() == "gpu" else ("xla",)
     unknown = [name for name in kernels if name not in TOKAMAX_KERNELS]
     if unknown or not kernels:
         raise ValueError(f"tokamax attention kernels must be among {TOKAMAX_KERNELS}, got {kernels}")
     k_start = None if segment_ids is None else segment_starts(segment_ids)[:, None, :]
-    mask = tokamax_base.Mask(k_start=k_start, is_causal=True)
     errors = []
     for name in kernels:
         try:
-            return tokamax_api.IMPLEMENTATIONS[name](q, k, v, mask=mask, logits_scale=1.0 / math.sqrt(q.shape[-1]))
+            return _flash_attention(_tokamax_op(name), q, k, v, k_start, 1.0 / math.sqrt(q.shape[-1]))
         except NotImplementedError as error:
             errors.append(f"{name}: {error}")
     raise NotImplementedError(f"no tokamax attention kernel takes these inputs: {'; '.join(errors)}")
+
+
+def _tokamax_op(name: str):
+    """tokamax's attention op ``name``, with an explicit vjp op (its XLA reference has none by default)."""
+    from tokamax._src.ops.attention import api as tokamax_api  # per-query k_start is not in tokamax's public API
+    from tokamax._src.ops.attention import base as tokamax_base
+
+    if name == "xla":
+        return tokamax_base.DotProductAttention(vjp=tokamax_base.DotProductAttentionVjp())
+    return tokamax_api.IMPLEMENTATIONS[name]
+
+
+def _causal_mask(k_start: jax.Array | None):
+    from tokamax._src.ops.attention import base as tokamax_base
+
+    return tokamax_base.Mask(k_start=k_start, is_causal=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _flash_attention(op, q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array | None,
+                     logits_scale: float) -> jax.Array:
+    """A tokamax attention ``op`` whose forward kernel runs once per training step.
+
+    tokamax's own ``custom_vjp`` asks ``jax.checkpoint`` to recompute its forward pass in the backward pass
+    (``optimize_remat``), which reran the forward kernel in every layer's backward pass (1.2 ms per layer on an
+    H100 at 8 x 8K). Here the output and the softmax statistics are ordinary residuals, which remat keeps:
+    ``[batch, seq, heads]`` fp32 twice plus the output.
+    """
+    return op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale)
+
+
+def _flash_attention_fwd(op, q, k, v, k_start, logits_scale):
+    out, statistics = op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, return_residuals=True)
+    return out, (q, k, v, k_start, out, statistics)
+
+
+def _flash_attention_bwd(op, logits_scale, residuals, d_out):
+    q, k, v, k_start, out, statistics = residuals
+    arguments = dict(op.bind(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale).kwargs)
+    arguments.pop("return_residuals")  # the vjp op takes the forward's canonical keyword arguments, not this one
+    grads = op.vjp(statistics, out, d_out, q, k, v, **arguments)
+    return grads["q"], grads["k"], grads["v"], None
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
 def cached_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_start: jax.Array) -> jax.Array:

@@ -134,3 +134,19 @@ def test_unknown_implementation_or_kernel_is_an_error():
         causal_gqa_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="tokamax attention kernels must be among"):
         tokamax_gqa_attention(q, k, v, kernels=("cuda",))
+
+
+def test_tokamax_forward_is_not_recomputed_under_remat():
+    """Under ``jax.checkpoint`` the backward pass reuses the forward's output and softmax statistics: the gradient
+    has as many matmuls as without remat (tokamax's own custom_vjp would rerun the forward's two)."""
+    q, k, v = (jnp.asarray(x) for x in _qkv(0))
+    segments = jnp.asarray(_packed_segments(q.shape[1]))
+
+    def loss(q_, k_, v_):
+        return jnp.sum(jnp.sin(tokamax_gqa_attention(q_, k_, v_, segment_ids=segments, kernels=("xla",))))
+
+    def matmuls(fn):
+        return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v)).count("dot_general")
+
+    rematted = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+    assert matmuls(rematted) == matmuls(loss) > 0
