@@ -125,19 +125,21 @@ def _flash_attention(op, q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.
     tokamax's own ``custom_vjp`` asks ``jax.checkpoint`` to recompute its forward pass in the backward pass
     (``optimize_remat``), which reran the forward kernel in every layer's backward pass (1.2 ms per layer on an
     H100 at 8 x 8K). Here the output and the softmax statistics are ordinary residuals, which remat keeps:
-    ``[batch, seq, heads]`` fp32 twice plus the output.
+    ``[batch, seq, heads]`` fp32 twice plus the output. ``precision=None`` makes its dots follow
+    ``jax.default_matmul_precision`` like the rest of the model (tokamax's default pins TF32 for fp32 on GPUs).
     """
-    return op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale)
+    return op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None)
 
 
 def _flash_attention_fwd(op, q, k, v, k_start, logits_scale):
-    out, statistics = op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, return_residuals=True)
+    out, statistics = op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None,
+                         return_residuals=True)
     return out, (q, k, v, k_start, out, statistics)
 
 
 def _flash_attention_bwd(op, logits_scale, residuals, d_out):
     q, k, v, k_start, out, statistics = residuals
-    arguments = dict(op.bind(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale).kwargs)
+    arguments = dict(op.bind(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None).kwargs)
     arguments.pop("return_residuals")  # the vjp op takes the forward's canonical keyword arguments, not this one
     grads = op.vjp(statistics, out, d_out, q, k, v, **arguments)
     return grads["q"], grads["k"], grads["v"], None

@@ -1,5 +1,6 @@
 """GQA causal softmax attention against numpy with explicit kv-head repetition; tokamax's flash path against XLA."""
 
+import contextlib
 import functools
 
 import jax
@@ -84,8 +85,10 @@ def _assert_close(actual, expected, rel, name=""):
 def _check_tokamax_against_xla(kernels, dtype, seq, kv_heads, head_dim, packed):
     q, k, v = (jnp.asarray(x, dtype) for x in _qkv(2, seq=seq, kv_heads=kv_heads, d=head_dim))
     segments = jnp.asarray(_packed_segments(seq)) if packed else None
-    o_xla, g_xla = _loss_and_grads("xla", None, q, k, v, segments)
-    o_tk, g_tk = _loss_and_grads("tokamax", kernels, q, k, v, segments)
+    # fp32 means fp32 matmuls: GPUs would otherwise run both paths' fp32 dots in TF32
+    with jax.default_matmul_precision("highest") if dtype == jnp.float32 else contextlib.nullcontext():
+        o_xla, g_xla = _loss_and_grads("xla", None, q, k, v, segments)
+        o_tk, g_tk = _loss_and_grads("tokamax", kernels, q, k, v, segments)
     assert o_tk.dtype == dtype and all(g.dtype == dtype for g in g_tk)
     rel = 1e-5 if dtype == jnp.float32 else 1e-2
     for name, actual, expected in zip(("o", "dq", "dk", "dv"), (o_tk, *g_tk), (o_xla, *g_xla), strict=True):
