@@ -32,3 +32,11 @@ def median_ms(fn: Callable, *args, trials: int = 7, min_trial_s: float = 0.05,
         jax.block_until_ready(out)
         results.append((time.perf_counter() - start) / reps * 1e3)
     return statistics.median(results)
+
+
+def report(text: str, out_md: str = "") -> None:
+    """Prints a benchmark's markdown and, when ``out_md`` names a file, writes it there too."""
+    print(text)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(text + "\n")

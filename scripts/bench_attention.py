@@ -22,7 +22,7 @@ from absl import app, flags
 
 from minimax_jax.config import small
 from minimax_jax.model.attention import causal_gqa_attention, tokamax_gqa_attention
-from minimax_jax.timing import median_ms
+from minimax_jax.timing import median_ms, report
 from pallas_kernels.lightning.ops import segment_index
 
 _SMALL = small()
@@ -130,10 +130,7 @@ def main(argv) -> None:
     if FLAGS.check_seq:
         lines += ["", *check_lines()]
     text = "\n".join(lines)
-    print(text)
-    if FLAGS.out_md:
-        with open(FLAGS.out_md, "w") as f:
-            f.write(text + "\n")
+    report(text, FLAGS.out_md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from minimax_jax.timing import median_ms
+from minimax_jax.timing import median_ms, report
 from pallas_kernels.lightning import lightning_attention, ops
 from pallas_kernels.lightning import triton_backend as tb
 
@@ -306,10 +306,7 @@ def main(argv):
     if FLAGS.bench:
         md.append(table(bench()))
     text = "\n".join(md)
-    print(text)
-    if FLAGS.out_md:
-        with open(FLAGS.out_md, "w") as fh:
-            fh.write(text + "\n")
+    report(text, FLAGS.out_md)
 
 
 if __name__ == "__main__":

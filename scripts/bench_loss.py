@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from minimax_jax.timing import median_ms
+from minimax_jax.timing import median_ms, report
 from minimax_jax.train.loss import chunked_cross_entropy_sum
 from pallas_kernels import cross_entropy
 
@@ -97,10 +97,7 @@ def main(argv) -> None:
                   f"{matmul_flops / loss_ms / 1e9:.0f} TFLOP/s of its matmuls |", "",
                   f"Kernel vs XLA, max abs difference: row losses {errors[0]:.2e}, logit gradients {errors[1]:.2e}."]
     text = "\n".join(lines)
-    print(text)
-    if FLAGS.out_md:
-        with open(FLAGS.out_md, "w") as f:
-            f.write(text + "\n")
+    report(text, FLAGS.out_md)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from absl import app, flags
 from minimax_jax.config import small
 from minimax_jax.model.moe import dropless_experts, route
 from minimax_jax.model.moe_dispatch import tile_layout, to_rows
-from minimax_jax.timing import median_ms
+from minimax_jax.timing import median_ms, report
 from minimax_jax.train import profiling
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.grouped_matmul import ops as gmm_ops
@@ -262,10 +262,7 @@ def main(argv) -> None:
     if FLAGS.profile_dir:
         profile(forward_backward(dropless_moe), (x, cotangent, router, w13, w2), FLAGS.profile_dir)
     table = "\n".join(lines)
-    print(table)
-    if FLAGS.out_md:
-        with open(FLAGS.out_md, "w") as f:
-            f.write(table + "\n")
+    report(table, FLAGS.out_md)
 
 
 if __name__ == "__main__":
