@@ -5,8 +5,10 @@ checks them against the fp32 XLA path; prints a markdown table.
     PYTHONPATH=. python3 scripts/bench_attention.py --batch=1 --seq=256 --check_seq=128 --impls=tokamax_xla
 
 Every kernel computes the same function (causal GQA attention, each token sees only its own document) except
-``cudnn``, which is given no segments (jax's cuDNN path takes no segment ids): it is a speed reference for plain
-causal attention. FLOPs are those of plain causal attention (``4 * B * H * T^2 * D / 2`` forward, 2.5x that
+``cudnn``, which is given no segments (``jax.nn.dot_product_attention`` takes no segment ids): it is a speed
+reference for plain causal attention. ``cudnn_packed`` is cuDNN's packed-sequence path (jax's internal
+``cudnn.fused_attention_stablehlo`` API with per-row segment lengths and start offsets), a candidate for the model
+if its check matches. FLOPs are those of plain causal attention (``4 * B * H * T^2 * D / 2`` forward, 2.5x that
 backward), so kernels that skip cross-document blocks show a higher rate than the work they did.
 """
 
@@ -33,6 +35,7 @@ flags.DEFINE_integer("heads", _SMALL.num_attention_heads, "query heads")
 flags.DEFINE_integer("kv_heads", _SMALL.num_key_value_heads, "key/value heads")
 flags.DEFINE_integer("head_dim", _SMALL.head_dim, "head dimension")
 flags.DEFINE_integer("documents", 4, "documents packed in each row (random lengths)")
+flags.DEFINE_integer("max_segments", 64, "cudnn_packed: most segments a row may hold (a static shape)")
 flags.DEFINE_integer("check_seq", 2048, "sequence length of the correctness check (batch 1); 0 skips it")
 flags.DEFINE_list("impls", ["jax_pallas_triton", "tokamax_mosaic_gpu", "tokamax_triton", "cudnn"],
                   "kernels to time")
@@ -55,12 +58,37 @@ def jax_pallas_triton(q, k, v, segment_ids):
                          block_sizes=blocks, interpret=jax.default_backend() != "gpu")
 
 
+def packed_lengths_and_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Lengths ``[B, M]`` and start offsets ``[B, M + 1]`` of each row's segments (contiguous runs), padded with -1:
+    the packed layout of jax's cuDNN attention (the offsets list segment starts only; jax appends the end)."""
+    index = segment_index(segment_ids)
+    count = index[:, -1:] + 1
+    used = jnp.arange(max_segments)[None] < count
+    lengths = jax.vmap(lambda row: jnp.bincount(row, length=max_segments))(index).astype(jnp.int32)
+    starts = jnp.cumsum(lengths, axis=1) - lengths
+    pad = jnp.full((segment_ids.shape[0], 1), -1, jnp.int32)
+    return jnp.where(used, lengths, -1), jnp.concatenate([jnp.where(used, starts, -1), pad], axis=1)
+
+
+def cudnn_packed(q, k, v, segment_ids):
+    """cuDNN flash attention over packed documents: padding-causal mask within each segment."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    if FLAGS.documents > FLAGS.max_segments:
+        raise ValueError(f"--documents={FLAGS.documents} exceeds --max_segments={FLAGS.max_segments}")
+    lengths, offsets = packed_lengths_and_offsets(segment_ids, FLAGS.max_segments)
+    return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                       kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                       mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
+
 KERNELS: dict[str, Callable] = {
     "jax_pallas_triton": jax_pallas_triton,
     "tokamax_mosaic_gpu": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("mosaic_gpu",)),
     "tokamax_triton": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("triton",)),
     "tokamax_xla": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("xla",)),
     "cudnn": lambda q, k, v, s: causal_gqa_attention(q, k, v, implementation="cudnn"),  # no segments
+    "cudnn_packed": cudnn_packed,
     "xla": lambda q, k, v, s: causal_gqa_attention(q, k, v, segment_ids=s, implementation="xla"),
 }
 
