@@ -27,7 +27,21 @@ def make_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTra
                         eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask)
     if config.grad_clip_norm is None:
         return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return optax.chain(clip_by_global_norm(config.grad_clip_norm), adamw)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same formula, same empty state) that takes the norm as the extra argument
+    ``global_norm`` when the caller has it: the train step computes it for its metrics, and computing it again
+    here read every gradient once more per step. Without ``global_norm`` it computes the norm itself."""
+
+    def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if global_norm is None else global_norm
+        keep = norm < max_norm
+        return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def update_count(opt_state) -> jax.Array | None:

@@ -69,6 +69,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     clipping), ``learning_rate``, ``tokens`` (loss tokens), ``skipped`` (1 when the update was dropped as
     non-finite) and ``expert_counts`` ``[layers, experts]``.
     """
+    optimizer = optax.with_extra_args_support(optimizer)  # update() gets the step's grad norm as ``global_norm``
     loss_fn = make_loss_fn(graphdef, remat_policy=remat_policy, loss_chunk_size=loss_chunk_size,
                            aux_loss_coef=aux_loss_coef, scan_layers=scan_layers)
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -105,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         @jax.named_scope("optimizer")
         def update(operands):
             params_, opt_state_, grads_ = operands
-            updates, opt_state_ = optimizer.update(grads_, opt_state_, params_)
+            updates, opt_state_ = optimizer.update(grads_, opt_state_, params_, global_norm=grad_norm)
             return optax.apply_updates(params_, updates), opt_state_
 
         if skip_nonfinite:

@@ -62,8 +62,9 @@ def test_checkpoint_of_another_parameter_layout_is_refused_naming_the_parameters
     """A checkpoint holding ``moe.w1``/``moe.w3`` (the layout before ``w13``) against a model with ``moe.w13``: the
     error names both sides, and the checkpoint stays on disk."""
     params = {"embed": jnp.ones(3), "moe": {"w1": jnp.ones(2), "w3": jnp.ones(2)}}
-    ocp.StandardCheckpointer().save(tmp_path / "params", params)
-    ocp.StandardCheckpointer().wait_until_finished()
+    checkpointer = ocp.StandardCheckpointer()  # the instance that saved is the one to wait on (an async save)
+    checkpointer.save(tmp_path / "params", params)
+    checkpointer.wait_until_finished()
     like = {"embed": jnp.ones(3), "moe": {"w13": jnp.ones((2, 2))}}
     with pytest.raises(CheckpointMismatchError, match=r"1 missing \(moe\.w13\), 2 unexpected \(moe\.w1, moe\.w3\)"):
         check_params_match(tmp_path / "params", like)

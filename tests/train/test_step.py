@@ -9,7 +9,7 @@ from flax import nnx
 
 from minimax_jax.model.transformer import MiniMaxForCausalLM
 from minimax_jax.train.config import OptimizerConfig
-from minimax_jax.train.optimizer import learning_rate_schedule, make_optimizer, update_count
+from minimax_jax.train.optimizer import clip_by_global_norm, learning_rate_schedule, make_optimizer, update_count
 from minimax_jax.train.step import init_train_state, make_train_step
 from tests.train.helpers import micro_model
 
@@ -77,3 +77,25 @@ def test_non_finite_step_is_skipped(setup):
                                                          jax.tree.leaves(state["params"]), strict=True)]
     assert any(changed)
     assert optax.tree.norm(after["params"]) > 0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])  # below and above the clipping norm
+def test_clip_with_a_given_norm_matches_optax(scale):
+    grads = {"w": scale * jnp.arange(12.0).reshape(3, 4), "b": scale * jnp.ones(5)}
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert ours.init(grads) == theirs.init(grads)  # same (empty) state: checkpoints restore either way
+    want, _ = theirs.update(grads, theirs.init(grads))
+    for got, _ in (ours.update(grads, ours.init(grads)),
+                   ours.update(grads, ours.init(grads), global_norm=optax.tree.norm(grads))):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_the_step_computes_the_gradient_norm_once(setup):
+    """The metrics' grad norm feeds the clipping: no reduction runs inside the update (it read all gradients)."""
+    graphdef, params, optimizer, schedule, batch = setup
+    step = make_train_step(graphdef, optimizer, schedule)
+    jaxpr = jax.make_jaxpr(step)(init_train_state(params, optimizer, 0), batch)
+    (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+    update_branch = cond.params["branches"][1]
+    assert not [eqn for eqn in update_branch.eqns if eqn.primitive.name.startswith("reduce")]
