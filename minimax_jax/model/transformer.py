@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from minimax_jax.config import LIGHTNING, ModelConfig
 from minimax_jax.model.attention import SoftmaxAttention
@@ -14,8 +15,9 @@ from minimax_jax.model.cache import KVCache, LightningCache
 from minimax_jax.model.explicit_sharding import explicit_spec
 from minimax_jax.model.lightning import LightningMixer
 from minimax_jax.model.moe import MoE
-from minimax_jax.model.norms_rope import RMSNorm, rms_norm
+from minimax_jax.model.norms_rope import RMSNorm
 from minimax_jax.model.params_init import normal_param
+from pallas_kernels.add_rms_norm import add_rms_norm
 from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
 
 
@@ -24,6 +26,27 @@ class RouterStats(NamedTuple):
 
     aux_loss: jax.Array  # fp32 [num_layers], Switch-style loss of each layer's router
     expert_counts: jax.Array  # int32 [num_layers, E], routed token-slots per expert
+
+
+class Residual(NamedTuple):
+    """A layer's input ``scales[0] * x + scales[1] * y`` kept as its two terms: the layer's input norm adds them
+    in the same pass (``pallas_kernels.add_rms_norm``)."""
+
+    x: jax.Array  # the previous layer's normalized MoE input (the embedding before the first layer)
+    y: jax.Array  # the previous layer's MoE output (zeros before the first layer)
+    scales: jax.Array  # fp32 [2]: (mlp alpha, mlp beta); (1, 0) before the first layer
+
+    @classmethod
+    def of(cls, h: jax.Array) -> Residual:
+        """``h`` itself as a residual sum."""
+        return cls(h, jnp.zeros_like(h), jnp.array([1.0, 0.0], jnp.float32))
+
+
+def normalized_sum(norm: RMSNorm, residual: Residual) -> tuple[jax.Array, jax.Array]:
+    """``norm(scales[0] * x + scales[1] * y)``, twice: one copy per consumer, so that the kernel's backward pass
+    adds their gradients (``add_rms_norm``). Remat policies keep it like a kernel's output."""
+    out, again = add_rms_norm(residual.x, residual.y, norm.weight[...], residual.scales, norm.eps)
+    return checkpoint_name(out, KERNEL_OUTPUT), checkpoint_name(again, KERNEL_OUTPUT)
 
 
 class DecoderLayer(nnx.Module):
@@ -46,12 +69,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm((hidden,), eps=eps, axes=("embed",), param_dtype=param_dtype)
         self.moe = MoE(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, h: jax.Array, *, layer_index: jax.Array | int, positions: jax.Array,
-                 segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns the layer output, the router aux loss and the expert counts."""
+    def __call__(self, h: Residual, *, layer_index: jax.Array | int, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> tuple[Residual, jax.Array, jax.Array]:
+        """Returns the layer output (as the sum the next norm takes), the router aux loss and the expert counts."""
         # named scopes label the ops in profiles (scripts/trace_summary.py groups device time by them)
         with jax.named_scope("norms_residual"):
-            xn = self.input_norm(h)
+            xn, xn_residual = normalized_sum(self.input_norm, h)
         if self.is_lightning:
             with jax.named_scope("lightning_attention"):
                 mixed = self.mixer(xn, layer_index=layer_index, segment_ids=segment_ids)
@@ -59,11 +82,13 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("softmax_attention"):
                 mixed = self.mixer(xn, positions=positions, segment_ids=segment_ids)
         with jax.named_scope("norms_residual"):
-            hn = self.post_attention_norm(self.attn_alpha * xn + self.attn_beta * mixed.astype(xn.dtype))
+            attn_scales = jnp.array([self.attn_alpha, self.attn_beta], jnp.float32)
+            hn, hn_residual = normalized_sum(self.post_attention_norm,
+                                             Residual(xn_residual, mixed.astype(xn.dtype), attn_scales))
         with jax.named_scope("moe"):
             moe = self.moe(hn)
-        with jax.named_scope("norms_residual"):
-            out = self.mlp_alpha * hn + self.mlp_beta * moe.output.astype(hn.dtype)
+        mlp_scales = jnp.array([self.mlp_alpha, self.mlp_beta], jnp.float32)
+        out = Residual(hn_residual, moe.output.astype(hn.dtype), mlp_scales)
         return out, moe.aux_loss, moe.expert_counts
 
     def call_with_cache(self, h: jax.Array, *, layer_index: jax.Array | int, entry: LightningCache | KVCache,
@@ -94,8 +119,8 @@ class LayerGroup(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for t in config.group_pattern])
 
-    def __call__(self, h: jax.Array, *, group_index: jax.Array | int, positions: jax.Array,
-                 segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, h: Residual, *, group_index: jax.Array | int, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> tuple[Residual, jax.Array, jax.Array]:
         """Returns the group output, aux losses ``[group_size]`` and expert counts ``[group_size, E]``."""
         aux_losses, counts = [], []
         for offset, layer in enumerate(self.layers):
@@ -219,9 +244,10 @@ class MiniMaxForCausalLM(nnx.Module):
         if REMAT_POLICIES[remat_policy] is not None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
         group_indices = jnp.arange(self.config.num_layer_groups, dtype=jnp.int32)
-        h, (aux, counts) = jax.lax.scan(body, h, (stacked, group_indices), unroll=not scan_layers)
+        residual, (aux, counts) = jax.lax.scan(body, Residual.of(h), (stacked, group_indices),
+                                               unroll=not scan_layers)
         with jax.named_scope("norms_residual"):
-            h = rms_norm(h, self.final_norm.weight[...], self.final_norm.eps)
+            h, _ = normalized_sum(self.final_norm, residual)
         return h, RouterStats(aux.reshape(-1), counts.reshape(self.config.num_hidden_layers, -1))
 
     def _check_inputs(self, input_ids, segment_ids, positions) -> jax.Array:
@@ -246,4 +272,4 @@ class MiniMaxForCausalLM(nnx.Module):
         return positions
 
 
-__all__ = ["DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "RouterStats"]
+__all__ = ["DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "Residual", "RouterStats"]

@@ -58,8 +58,10 @@ def test_unrolled_layer_groups_give_the_scanned_loss_and_gradients():
         jaxpr = jax.make_jaxpr(loss, static_argnums=(1, 2))(params, "none", scan_layers).jaxpr
         layer_scans = [e for e in jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == 2]
         assert [e.params["unroll"] for e in layer_scans] == [unroll]
+    # fp32 round-off only: unrolled, the first layer's residual scales (1, 0) are constants XLA folds, which
+    # changes its fusions; an absolute tolerance at 1e-6 of each leaf's scale (the embedding's reaches 20)
     for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
 
 
 def _count_primitives(jaxpr, name: str) -> int:
