@@ -1,5 +1,7 @@
 """model.hidden_states (the trainer's forward) gives the model's own logits; remat keeps the gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,20 @@ def test_kernel_outputs_policy_does_not_rerun_the_expert_matmuls():
     # the group body holds 2 MoE layers: dots_with_no_batch_dims runs their 2 forward matmuls each again
     assert counts["dots_with_no_batch_dims"] == counts["none"] + 4, counts
     assert counts["dots_and_kernel_outputs"] == counts["none"], counts
+
+
+def test_norm_kernels_in_the_model_give_the_jnp_loss_and_gradients(monkeypatch):
+    """The decoder's residual sums through the Pallas norm kernels (interpreted): both copies' gradients arrive."""
+    from minimax_jax.model import transformer
+    from pallas_kernels.add_rms_norm import add_rms_norm
+
+    config = micro_model(hidden_size=128, layernorm_mlp_alpha=1.5, layernorm_full_attention_alpha=2.0,
+                         layernorm_linear_attention_beta=0.5)
+    loss, params = _loss_fn(config)
+    want = jax.value_and_grad(loss)(params, "dots_and_kernel_outputs")
+    kernel = functools.partial(add_rms_norm, use_kernel=True, interpret=jax.default_backend() != "gpu")
+    monkeypatch.setattr(transformer, "add_rms_norm", kernel)
+    got = jax.value_and_grad(loss)(params, "dots_and_kernel_outputs")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
