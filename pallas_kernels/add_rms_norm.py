@@ -111,12 +111,11 @@ def _backward_blocks(num_blocks: int) -> int:
 
 def _forward(x, y, weight, scales, eps, interpret):
     flat_x, flat_y = _flat(x), _flat(y)
-    rows, hidden = flat_x.shape
     block_rows = LAUNCH["rows"]
     out = pl.pallas_call(
         functools.partial(_forward_kernel, block_rows=block_rows, eps=eps),
         out_shape=out_struct(flat_x.shape, x.dtype, x),
-        grid=(rows // block_rows,),
+        grid=(flat_x.shape[0] // block_rows,),
         compiler_params=pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1),
         interpret=interpret,
         name="add_rms_norm",
@@ -144,8 +143,7 @@ def _backward(g1, g2, x, y, weight, scales, eps, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _add_rms_norm_kernel(x, y, weight, scales, eps, interpret):
-    out = _forward(x, y, weight, scales, eps, interpret)
-    return out, out
+    return _kernel_fwd(x, y, weight, scales, eps, interpret)[0]
 
 
 def _kernel_fwd(x, y, weight, scales, eps, interpret):
