@@ -273,3 +273,25 @@ class MiniMaxForCausalLM(nnx.Module):
 
 
 __all__ = ["DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "Residual", "RouterStats"]
+
+
+# The weights that the model reads only as ``weight.astype(compute dtype)``, each in one matmul (qkv_proj and
+# output_gate are concatenated first, which commutes with the cast).
+MATMUL_WEIGHTS = frozenset({"qkv_proj", "output_gate", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
+                            "router", "w13", "w2"})
+
+
+def cast_matmul_weights(params: dict, dtype) -> dict:
+    """``params`` (the model's pure dict) with the ``MATMUL_WEIGHTS`` cast to the compute ``dtype``.
+
+    The model computes the same values from this copy. Its gradients for those weights are the compute-dtype
+    cotangents that the fp32 gradients are exact conversions of: a trainer that differentiates with respect to the
+    copy keeps them in half the bytes. The embedding table and lm_head stay as they are: their gradients are sums
+    over tokens or loss chunks accumulated in fp32. So do the norm scales (a few kilobytes; the GPU norm kernel sums
+    their gradients in fp32).
+    """
+
+    def cast(path, leaf):
+        return leaf.astype(dtype) if getattr(path[-1], "key", None) in MATMUL_WEIGHTS else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from minimax_jax.model.transformer import cast_matmul_weights
 from minimax_jax.train.loss import chunked_cross_entropy_sum, cross_entropy_sum, logits_from_hidden
 from minimax_jax.train.optimizer import update_count
 
@@ -74,21 +75,22 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                            aux_loss_coef=aux_loss_coef, scan_layers=scan_layers)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def accumulate(params, batch: Batch, num_tokens):
+    def accumulate(compute_params, params, batch: Batch, num_tokens):
         if grad_accum_steps == 1:
-            grads, (ce_sum, aux, counts) = grad_fn(params, batch, num_tokens)
+            grads, (ce_sum, aux, counts) = grad_fn(compute_params, batch, num_tokens)
             return grads, ce_sum, aux, counts
         micro = jax.tree.map(lambda x: _split_micro_batches(x, grad_accum_steps), batch)
 
         def body(carry, micro_batch):
             grads_acc, ce_acc, aux_acc, counts_acc = carry
-            grads, (ce_sum, aux, counts) = grad_fn(params, micro_batch, num_tokens)
+            grads, (ce_sum, aux, counts) = grad_fn(compute_params, micro_batch, num_tokens)
             with jax.named_scope("grad_accumulation"):
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, ce_acc + ce_sum, aux_acc + aux / grad_accum_steps, counts_acc + counts), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        counts_shape = jax.eval_shape(grad_fn, params, first, num_tokens)[1][2]
+        counts_shape = jax.eval_shape(grad_fn, compute_params, first, num_tokens)[1][2]
+        # the sums are kept in the master weights' dtype (fp32), not in the compute dtype of the matmul weights
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                  jnp.zeros(counts_shape.shape, counts_shape.dtype))
         (grads, ce_sum, aux, counts), _ = jax.lax.scan(body, zeros, micro)
@@ -97,15 +99,18 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         params, opt_state = state["params"], state["opt_state"]
         num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        grads, ce_sum, aux, counts = accumulate(params, batch, num_tokens)
+        # matmul weights' gradients stay in the compute dtype until the update: half the bytes written and read
+        compute_params = cast_matmul_weights(params, nnx.merge(graphdef, params).dtype)
+        grads, ce_sum, aux, counts = accumulate(compute_params, params, batch, num_tokens)
         loss = ce_sum / num_tokens
         with jax.named_scope("grad_norm"):
-            grad_norm = optax.tree.norm(grads)
+            grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
 
         @jax.named_scope("optimizer")
         def update(operands):
             params_, opt_state_, grads_ = operands
+            grads_ = jax.tree.map(lambda g, p: g.astype(p.dtype), grads_, params_)
             updates, opt_state_ = optimizer.update(grads_, opt_state_, params_, global_norm=grad_norm)
             return optax.apply_updates(params_, updates), opt_state_
 

@@ -7,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from minimax_jax.model.transformer import MiniMaxForCausalLM
+from minimax_jax.model.transformer import MATMUL_WEIGHTS, MiniMaxForCausalLM, cast_matmul_weights
 from minimax_jax.train.config import OptimizerConfig
 from minimax_jax.train.optimizer import clip_by_global_norm, learning_rate_schedule, make_optimizer, update_count
-from minimax_jax.train.step import init_train_state, make_train_step
+from minimax_jax.train.step import init_train_state, make_loss_fn, make_train_step
 from tests.train.helpers import micro_model
 
 STEPS = 20
@@ -99,3 +99,26 @@ def test_the_step_computes_the_gradient_norm_once(setup):
     (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
     update_branch = cond.params["branches"][1]
     assert not [eqn for eqn in update_branch.eqns if eqn.primitive.name.startswith("reduce")]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_gradients_of_the_cast_matmul_weights_are_the_fp32_gradients_in_bf16(setup, scan_layers):
+    """The step differentiates with respect to ``cast_matmul_weights``: those gradients must be exactly the fp32
+    ones (before their conversion) and bf16; every other gradient stays fp32 and unchanged."""
+    _, _, _, _, batch = setup
+    model = MiniMaxForCausalLM(micro_model(), dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    loss_fn = make_loss_fn(graphdef, remat_policy="dots_and_kernel_outputs", loss_chunk_size=8, aux_loss_coef=1e-3,
+                           scan_layers=scan_layers)
+    grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+    num_tokens = jnp.sum(batch["loss_mask"])
+    want, _ = grad_fn(params, batch, num_tokens)
+    got, _ = grad_fn(cast_matmul_weights(params, jnp.bfloat16), batch, num_tokens)
+    cast_names = set()
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        name = path[-1].key
+        assert g.dtype == (jnp.bfloat16 if name in MATMUL_WEIGHTS else jnp.float32), (path, g.dtype)
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w), err_msg=str(path))
+        cast_names.add(name)
+    assert MATMUL_WEIGHTS <= cast_names  # every listed weight exists in the model
