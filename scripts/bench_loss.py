@@ -4,8 +4,9 @@ loss of the `small` preset's training step; prints a markdown table.
     PYTHONPATH=. python3 scripts/bench_loss.py --out_md=$OUT/bench_loss.md            # H100
     PYTHONPATH=. python3 scripts/bench_loss.py --sweep                                 # launch knobs
 
-Shapes: the `small` preset's 8 x 8K-token batch, 65,536-token vocabulary, loss chunks of 1,024 positions, so one
-chunk's logits are ``[8 * 1024, 65536]`` bf16 (1 GiB).
+Shapes: the `small` preset's 8 x 8K-token batch and 65,536-token vocabulary; loss chunks of ``--chunk`` positions
+(1,024 by default, as in docs/benchmarks.md; the preset now uses 2,048), so one chunk's logits are
+``[8 * 1024, 65536]`` bf16 (1 GiB).
 """
 
 from __future__ import annotations
