@@ -272,9 +272,6 @@ class MiniMaxForCausalLM(nnx.Module):
         return positions
 
 
-__all__ = ["DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "Residual", "RouterStats"]
-
-
 # The weights that the model reads only as ``weight.astype(compute dtype)``, each in one matmul (qkv_proj and
 # output_gate are concatenated first, which commutes with the cast).
 MATMUL_WEIGHTS = frozenset({"qkv_proj", "output_gate", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -295,3 +292,7 @@ def cast_matmul_weights(params: dict, dtype) -> dict:
         return leaf.astype(dtype) if getattr(path[-1], "key", None) in MATMUL_WEIGHTS else leaf
 
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+__all__ = ["MATMUL_WEIGHTS", "DecoderLayer", "LayerGroup", "MiniMaxForCausalLM", "Residual", "RouterStats",
+           "cast_matmul_weights"]

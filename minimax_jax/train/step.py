@@ -1,10 +1,11 @@
 """The train step: loss, gradient accumulation over micro-batches, clipping + AdamW, a non-finite guard.
 
 The train state is a plain pytree ``{"params", "opt_state", "step", "rng"}``: ``params`` is the pure nested dict
-of the model's ``nnx.Param`` values (fp32 master weights), merged with the model's graphdef inside the step; the
-forward pass casts them to the compute dtype. ``rng`` is a raw uint32 key (``jax.random.key_data``), folded with
-the step for stochastic layers (the released model has none; it is carried and checkpointed so that one added
-later resumes exactly).
+of the model's ``nnx.Param`` values (fp32 master weights), merged with the model's graphdef inside the step. The
+step differentiates with respect to a copy whose matmul weights are already in the compute dtype
+(``cast_matmul_weights``), so their gradients stay in that dtype until the update; the forward pass casts the rest.
+``rng`` is a raw uint32 key (``jax.random.key_data``), folded with the step for stochastic layers (the released
+model has none; it is carried and checkpointed so that one added later resumes exactly).
 
 The objective of a step is ``sum(masked token CE) / sum(loss_mask) + router_aux_loss_coef * mean(aux)`` where
 ``aux`` is the per-layer Switch loss (1 at perfect balance) averaged over layers and micro-batches. Each
