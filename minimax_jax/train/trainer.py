@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,13 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
         state = checkpointer.restore(latest, state, data)
         start_step = latest
         say(f"resumed from {checkpointer.directory}/{latest}")
+    if start_step >= config.num_steps:  # a finished run: nothing to compile or train
+        say(f"step {start_step} already reaches num_steps={config.num_steps}: nothing to train "
+            "(raise --config.num_steps to go on)")
+        checkpointer.close()
+        sample = _final_sample(config, graphdef, state, tokenizer, start_step, checkpointer.directory, say, is_main)
+        del data
+        return TrainResult(start_step=start_step, final_step=start_step, losses={}, sample=sample)
 
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
     step_fn = make_train_step(graphdef, make_optimizer(config.optimizer, config.num_steps), schedule,
@@ -128,13 +136,20 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after_steps: int | N
         profiler.stop()
         checkpointer.close()
         writer.close()
-    sample = None
-    if is_main and config.sample_new_tokens and step == config.num_steps:
-        sample = sample_text(graphdef, state["params"], tokenizer, config.sample_prompt, config.sample_new_tokens)
-        say(f"checkpoint: {checkpointer.directory}/{step}\nsample (greedy) of {config.sample_prompt!r}:\n"
-            f"{config.sample_prompt}{sample}")
+    sample = _final_sample(config, graphdef, state, tokenizer, step, checkpointer.directory, say, is_main)
     del data
     return TrainResult(start_step=start_step, final_step=step, losses=losses, sample=sample)
+
+
+def _final_sample(config: TrainConfig, graphdef: nnx.GraphDef, state: dict[str, Any], tokenizer: Tokenizer,
+                  step: int, checkpoint_dir: Path, say: Callable[..., None], is_main: bool) -> str | None:
+    """The greedy sample printed once the run has reached ``num_steps`` (process 0; None otherwise)."""
+    if not (is_main and config.sample_new_tokens and step == config.num_steps):
+        return None
+    sample = sample_text(graphdef, state["params"], tokenizer, config.sample_prompt, config.sample_new_tokens)
+    say(f"checkpoint: {checkpoint_dir}/{step}\nsample (greedy) of {config.sample_prompt!r}:\n"
+        f"{config.sample_prompt}{sample}")
+    return sample
 
 
 def sample_text(graphdef: nnx.GraphDef, params: dict, tokenizer: Tokenizer, prompt: str, max_new_tokens: int) -> str:

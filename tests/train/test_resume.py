@@ -70,3 +70,14 @@ def test_checkpoint_of_another_parameter_layout_is_refused_naming_the_parameters
         check_params_match(tmp_path / "params", like)
     check_params_match(tmp_path / "params", params)  # the same names pass
     assert (tmp_path / "params").is_dir()
+
+
+def test_a_finished_run_is_not_compiled_or_trained_again(tmp_path, capsys):
+    config = micro_train_config(num_steps=2, sample_new_tokens=3)
+    first = train(config, tmp_path)
+    capsys.readouterr()
+    again = train(config, tmp_path)
+    out = capsys.readouterr().out
+    assert (again.start_step, again.final_step, again.losses) == (2, 2, {})
+    assert "nothing to train" in out and "compiled the train step" not in out
+    assert again.sample == first.sample  # the restored model samples what the trained one did
