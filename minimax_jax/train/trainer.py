@@ -2,6 +2,7 @@
 
 ``train(config, workdir)`` resumes from the newest complete checkpoint in ``<workdir>/checkpoints`` when there is
 one, so re-running a killed command continues it; the losses are then bitwise those of an uninterrupted run.
+Re-running a finished command (its checkpoint already at ``num_steps``) only prints the sample.
 """
 
 from __future__ import annotations
