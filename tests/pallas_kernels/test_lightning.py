@@ -209,3 +209,50 @@ def test_bad_inputs_raise(change, message):
         (args if key in args else kwargs)[key] = val
     with pytest.raises(ValueError, match=message):
         lightning_attention(args["q"], args["k"], args["v"], args["decay"], **kwargs)
+
+
+def _packed_reference(proj, decay, seg, d):
+    """The packed op by definition: SiLU'd slices through the fp32 reference recurrence, rest passed through."""
+    f32 = jnp.float32
+    q, k, v = (jax.nn.silu(proj[..., i * d:(i + 1) * d].astype(f32)) for i in range(3))
+    o = lightning_attention(q, k, v, decay, segment_ids=seg, backend="reference")
+    return o, proj[..., 3 * d:].astype(f32)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda x: f"{x[0]}-C{x[1]}")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(("t", "n_parts"), [(64, 4), (53, 4), (48, 3)], ids=["whole-blocks", "tail", "no-rest"])
+def test_packed_projection_matches_reference(impl, dtype, t, n_parts):
+    """``lightning_attention_packed`` (the triton path fuses SiLU into its kernels and writes the gradient of the
+    packed projection in place) against SiLU'd slices through the reference: outputs and the projection's vjp."""
+    backend, block, interpret = impl
+    b, h, d = 2, 2, 16
+    rng = np.random.default_rng(t * 10 + n_parts)
+    proj = jnp.asarray(rng.standard_normal((b, t, h, n_parts * d)), dtype)
+    _, _, _, decay, seg, _ = _inputs(5, b, t, h, d, jnp.float32, n_segments=3, with_init=False)
+
+    def fn(p):
+        return ops.lightning_attention_packed(p, decay, head_dim=d, segment_ids=seg, backend=backend,
+                                              block_size=block, interpret=interpret)
+
+    (o, rest), pull = jax.vjp(fn, proj)
+    (o_ref, rest_ref), pull_ref = jax.vjp(lambda p: _packed_reference(p, decay, seg, d), proj.astype(jnp.float32))
+    assert o.shape == (b, t, h, d) and o.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(rest), np.asarray(proj[..., 3 * d:]))
+    do = jnp.asarray(rng.standard_normal(o.shape), dtype)
+    drest = jnp.asarray(rng.standard_normal(rest.shape), dtype)
+    (dproj,) = pull((do, drest))
+    (dproj_ref,) = pull_ref((do.astype(jnp.float32), drest.astype(jnp.float32)))
+    assert dproj.shape == proj.shape and dproj.dtype == dtype
+    tol = TOL[dtype]
+    assert _rel(o, o_ref) < tol
+    for i, name in enumerate(["dq", "dk", "dv", "drest"][:n_parts]):
+        cols = slice(i * d, (i + 1) * d) if i < 3 else slice(3 * d, None)
+        assert _rel(dproj[..., cols], dproj_ref[..., cols]) < tol, name
+    np.testing.assert_array_equal(np.asarray(dproj[..., 3 * d:]), np.asarray(drest))
+
+
+def test_packed_projection_rejects_a_width_that_is_not_whole_heads():
+    proj = jnp.zeros((1, 16, 2, 40), jnp.float32)
+    with pytest.raises(ValueError, match=r"last axis \(40\) must be a multiple >= 3 of head_dim \(16\)"):
+        ops.lightning_attention_packed(proj, jnp.ones(2), head_dim=16)
