@@ -1,5 +1,5 @@
 """Lightning attention (MiniMax-01 decayed linear attention) with reference, XLA and Pallas backends."""
 
-from pallas_kernels.lightning.ops import BACKENDS, lightning_attention, lightning_attention_packed, split_last_axis
+from pallas_kernels.lightning.ops import BACKENDS, lightning_attention
 
-__all__ = ["BACKENDS", "lightning_attention", "lightning_attention_packed", "split_last_axis"]
+__all__ = ["BACKENDS", "lightning_attention"]

@@ -46,10 +46,6 @@ Inputs are already validated by this module and satisfy:
 * ``o``, ``dq``, ``dk``, ``dv`` have the dtype of ``q``; ``dinitial_state`` is fp32. No gradient for ``decay``
   and ``segment_ids`` is returned. Accumulate in fp32 (state and all matmul accumulators).
 
-``lightning_attention_packed`` is the same op on the MiniMax mixer's packed projection ``[B, T, H, n D]`` (per head
-``[q | k | v | rest]`` pre-activations, SiLU applied to q, k and v). The ``triton`` backend applies the SiLU inside
-its kernels and writes all gradients into one array laid out like the projection; the other backends slice.
-
 The ``reference`` backend is the oracle (``lax.scan`` recurrence on user segment ids, differentiated by JAX
 autodiff); every other backend goes through one ``custom_vjp`` here, whose backward calls ``backend.backward``
 (the ``xla`` backend's backward recomputes its forward under ``jax.vjp``, which keeps memory low).
@@ -63,10 +59,8 @@ from types import ModuleType
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.lightning import reference as _reference
-from pallas_kernels.lightning import triton_kernels as _tk
 from pallas_kernels.lightning import xla as _xla
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic")
@@ -203,10 +197,9 @@ def lightning_attention(
     return (o, final) if return_final_state else o
 
 
-def _zero_state_like(q: jax.Array, head_dim: int | None = None) -> jax.Array:
-    """fp32 zeros ``[B, H, D, D]`` (D: ``head_dim``, else q's last axis), under a mesh with Explicit axes sharded
-    over batch and heads like ``q``."""
-    b, _, h, d = q.shape[:3] + (head_dim or q.shape[-1],)
+def _zero_state_like(q: jax.Array) -> jax.Array:
+    """fp32 zeros ``[B, H, D, D]``, under a mesh with Explicit axes sharded over batch and heads like ``q``."""
+    b, _, h, d = q.shape
     sharding = jax.typeof(q).sharding
     if isinstance(sharding, jax.sharding.NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
         spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
@@ -237,112 +230,3 @@ def _lightning(q, k, v, decay, segment_ids, initial_state, name, block, interpre
         outs.append(o)
     o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return o, state
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def split_last_axis(x: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """``x`` cut into consecutive slices of its last axis of the given ``widths``, whose gradient is one
-    concatenate.
-
-    Autodiff of slicing pads every slice's gradient to full size and adds the pads, which XLA fuses into one slow
-    elementwise pass (0.73 ms per lightning layer on an H100 at 8 x 8K); a concatenate gets XLA's copy-per-operand
-    emitter, with the gradients' producers fused in.
-    """
-    if sum(widths) != x.shape[-1]:
-        raise ValueError(f"split_last_axis: widths {widths} do not add up to the last axis {x.shape[-1]}")
-    starts = [sum(widths[:i]) for i in range(len(widths))]
-    return tuple(x[..., start:start + width] for start, width in zip(starts, widths, strict=True))
-
-
-def _split_last_axis_fwd(x, widths):
-    return split_last_axis(x, widths), None
-
-
-def _split_last_axis_bwd(widths, _, grads):
-    return (jnp.concatenate(grads, axis=-1),)
-
-
-split_last_axis.defvjp(_split_last_axis_fwd, _split_last_axis_bwd)
-
-
-def lightning_attention_packed(
-    proj: jax.Array,
-    decay: jax.Array,
-    *,
-    head_dim: int,
-    segment_ids: jax.Array | None = None,
-    block_size: int | None = None,
-    backend: str = "auto",
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Lightning attention of ``silu(q), silu(k), silu(v)`` read from a packed projection.
-
-    Args:
-      proj: ``[batch, seq, heads, n * head_dim]`` with ``n >= 3``; per head the columns are the pre-activations
-        ``[q | k | v | rest]`` (the MiniMax mixer's rest is its output gate).
-      decay, segment_ids, block_size, backend, interpret: as in ``lightning_attention``.
-    Returns:
-      ``(o, rest)``: ``o = lightning_attention(silu(q), silu(k), silu(v))`` ``[batch, seq, heads, head_dim]`` and
-      ``rest = proj[..., 3 * head_dim:]`` unchanged. Passing ``rest`` through lets the triton backend put its
-      gradient into the same array as those of q, k and v: the projection's gradient is built in place, with no
-      split copies in the forward pass and no concatenate in the backward pass.
-    """
-    if getattr(proj, "ndim", None) != 4:
-        raise ValueError(f"lightning_attention_packed: proj must have rank 4 [batch, seq, heads, n * head_dim], "
-                         f"got shape {getattr(proj, 'shape', None)}")
-    width = proj.shape[-1]
-    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim or width < 3 * head_dim:
-        raise ValueError(f"lightning_attention_packed: proj's last axis ({width}) must be a multiple >= 3 of "
-                         f"head_dim ({head_dim!r})")
-    b, t, h, _ = proj.shape
-    q_like = jax.ShapeDtypeStruct((b, t, h, head_dim), proj.dtype)
-    _validate(q_like, q_like, q_like, decay, segment_ids, None, block_size)
-    name = resolve_backend(backend)
-    block = block_size if block_size is not None else default_block_size(name)
-    return _lightning_packed(proj, decay.astype(jnp.float32), segment_ids, name, block, head_dim, interpret)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _lightning_packed(proj, decay, segment_ids, name, block, head_dim, interpret):
-    """Jitted body of ``lightning_attention_packed``: the fused triton path on whole blocks, else slices."""
-    b, t = proj.shape[:2]
-    if name == "triton" and t % block == 0:
-        seg_idx = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_index(segment_ids)
-        return _packed(proj, decay, seg_idx, block, head_dim, interpret)
-    rest = proj.shape[-1] - 3 * head_dim
-    q, k, v, *others = split_last_axis(proj, (head_dim,) * 3 + ((rest,) if rest else ()))
-    o, _ = _lightning(jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v), decay, segment_ids, None, name, block,
-                      interpret)
-    return o, (others[0] if others else proj[..., 3 * head_dim:])
-
-
-def _silu_operands(head_dim: int) -> tuple:
-    return tuple(_tk.Operand(col=i * head_dim, silu=True) for i in range(3))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _packed(proj, decay, seg_idx, block, head_dim, interpret):
-    """The triton backend on a packed projection (``T`` a multiple of ``block``): ``(o, rest)``."""
-    o, _ = _backend_module("triton").forward(proj, proj, proj, decay, seg_idx, _zero_state_like(proj, head_dim),
-                                             block_size=block, interpret=interpret,
-                                             operands=_silu_operands(head_dim))
-    return o, proj[..., 3 * head_dim:]
-
-
-def _packed_fwd(proj, decay, seg_idx, block, head_dim, interpret):
-    return _packed(proj, decay, seg_idx, block, head_dim, interpret), (proj, decay, seg_idx)
-
-
-def _packed_bwd(block, head_dim, interpret, res, cotangents):
-    proj, decay, seg_idx = res
-    do, drest = cotangents
-    zero = _zero_state_like(proj, head_dim)
-    dproj, _ = _backend_module("triton").backward(proj, proj, proj, decay, seg_idx, zero, do.astype(proj.dtype),
-                                                  zero, block_size=block, interpret=interpret,
-                                                  operands=_silu_operands(head_dim))
-    if drest.shape[-1]:  # in place, after the kernels wrote columns [0, 3 head_dim)
-        dproj = lax.dynamic_update_slice_in_dim(dproj, drest.astype(proj.dtype), 3 * head_dim, axis=3)
-    return dproj, jnp.zeros_like(decay), None
-
-
-_packed.defvjp(_packed_fwd, _packed_bwd)

@@ -76,75 +76,48 @@ def _coef(seg, prev_blk, decay, block, chunk_blocks, n_chunks):
     return jnp.where(ok[:, None], decayed[None], 0.0)
 
 
-def _states(k, v, decay, seg, prev_blk, initial_state, block, tile, chunk_blocks, n_chunks, interpret, knobs,
-            head_dim, k_op, v_op):
+def _states(k, v, decay, seg, prev_blk, initial_state, block, tile, chunk_blocks, n_chunks, interpret, knobs):
     """States at chunk boundaries ``x`` ``[B, H, N+1, D, D]``: x[:, :, c] enters chunk c, x[:, :, N] is final."""
     u = tk.chunk_states(decay, seg, prev_blk, k, v, block=block, chunk_blocks=chunk_blocks, tile=tile,
-                        reverse=False, interpret=interpret, head_dim=head_dim, b_op=k_op, c_op=v_op,
-                        **_launch(knobs))
+                        reverse=False, interpret=interpret, **_launch(knobs))
     y = jnp.concatenate([initial_state[:, :, None], u], axis=2)
     coef = _coef(seg, prev_blk, decay, block, chunk_blocks, n_chunks)
     return jnp.einsum("bhcj,bhjde->bhcde", coef, y, precision=lax.Precision.HIGHEST), coef
 
 
-def forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret=False,
-            operands=(tk.PLAIN,) * 3):
-    """``(o, final_state)`` for ``T`` a multiple of ``block_size`` (contract in ``ops.py``).
-
-    ``operands`` (``triton_kernels.Operand``) locate q, k and v in their arrays, which may then be one packed
-    projection ``[B, T, H, n D]`` read with SiLU (``forward_packed``); D is the initial state's last axis."""
-    b, t, h = q.shape[:3]
-    d = initial_state.shape[-1]
+def forward(q, k, v, decay, segment_ids, initial_state, *, block_size, interpret=False):
+    """``(o, final_state)`` for ``T`` a multiple of ``block_size`` (contract in ``ops.py``)."""
+    b, t, h, d = q.shape
     knobs = _knobs("fwd", q.dtype)
     tile, chunk_blocks, n_chunks = _plan(b, t, h, d, block_size, knobs)
     seg = segment_ids.astype(jnp.int32)
     prev_blk = _prev_blk(seg, block_size)
     x, _ = _states(k, v, decay, seg, prev_blk, initial_state, block_size, tile, chunk_blocks, n_chunks, interpret,
-                   knobs, d, operands[1], operands[2])
+                   knobs)
     o = tk.chunk_outputs(decay, seg, prev_blk, q, k, v, x, block=block_size,
                          chunk_blocks=chunk_blocks, tile=tile, reverse=False, state_t=False, interpret=interpret,
-                         operands=operands, **_launch(knobs))
+                         **_launch(knobs))
     return o, x[:, :, n_chunks]
 
 
-def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret=False,
-             operands=(tk.PLAIN,) * 3):
-    """``(dq, dk, dv, dinitial_state)`` (contract in ``ops.py``); states are recomputed, not stored.
-
-    With SiLU ``operands`` (one packed projection, see ``forward``) it returns ``(dproj, dinitial_state)``
-    instead: the gradients of the three pre-activations, each written in place at its operand's columns of one
-    array shaped like the projection (its other columns are left unwritten)."""
-    b, t, h = q.shape[:3]
-    d = initial_state.shape[-1]
+def backward(q, k, v, decay, segment_ids, initial_state, do, dfinal_state, *, block_size, interpret=False):
+    """``(dq, dk, dv, dinitial_state)`` (contract in ``ops.py``); states are recomputed, not stored."""
+    b, t, h, d = q.shape
     knobs = _knobs("bwd", q.dtype)
     tile, chunk_blocks, n_chunks = _plan(b, t, h, d, block_size, knobs)
     seg = segment_ids.astype(jnp.int32)
     prev_blk = _prev_blk(seg, block_size)
-    q_op, k_op, v_op = operands
     x, coef = _states(k, v, decay, seg, prev_blk, initial_state, block_size, tile, chunk_blocks, n_chunks,
-                      interpret, knobs, d, k_op, v_op)
+                      interpret, knobs)
     w = tk.chunk_states(decay, seg, prev_blk, q, do, block=block_size, chunk_blocks=chunk_blocks, tile=tile,
-                        reverse=True, interpret=interpret, head_dim=d, b_op=q_op, **_launch(knobs))
+                        reverse=True, interpret=interpret, **_launch(knobs))
     y = jnp.concatenate([w, dfinal_state[:, :, None]], axis=2)
     z = jnp.einsum("bhjc,bhjde->bhcde", coef, y, precision=lax.Precision.HIGHEST)  # z[:, :, c] = dL/dx_c
     kw = dict(block=block_size, chunk_blocks=chunk_blocks, tile=tile, interpret=interpret, **_launch(knobs))
-    plain = tk.PLAIN
-    # (kernel arguments, the input whose gradient it is, that input's operand); chunk c of dk and dv reads
-    # z[:, :, c + 1], the gradient of the state leaving it
-    calls = ((dict(amat=do, bmat=v, cmat=k, states=x, operands=(plain, v_op, k_op), reverse=False, state_t=True),
-              q, q_op),
-             (dict(amat=v, bmat=do, cmat=q, states=z, operands=(v_op, plain, q_op), reverse=True, state_t=True,
-                   state_offset=1), k, k_op),
-             (dict(amat=k, bmat=q, cmat=do, states=z, operands=(k_op, q_op, plain), reverse=True, state_t=False,
-                   state_offset=1), v, v_op))
-    if not any(op.silu for op in operands):
-        dq, dk, dv = (tk.chunk_outputs(decay, seg, prev_blk, **call, **kw).astype(x_.dtype) for call, x_, _ in calls)
-        return dq, dk, dv, z[:, :, 0]
-    if not (q is k is v and all(op.silu for op in operands)):
-        raise ValueError("triton backend: SiLU operands must all be columns of one packed projection")
-    dproj = None
-    for call, _, op in calls:
-        place = dict(into=dproj) if dproj is not None else dict(out_width=q.shape[-1])
-        dproj = tk.chunk_outputs(decay, seg, prev_blk, **call, **kw, **place, out_col=op.col, silu_pre=q,
-                                 grad_of=op.col)
-    return dproj, z[:, :, 0]
+    dq = tk.chunk_outputs(decay, seg, prev_blk, do, v, k, x, reverse=False, state_t=True, **kw)
+    # chunk c reads z[:, :, c + 1], the gradient of the state leaving it
+    dk = tk.chunk_outputs(decay, seg, prev_blk, v, do, q, z, reverse=True, state_t=True, state_offset=1, **kw)
+    dv = tk.chunk_outputs(decay, seg, prev_blk, k, q, do, z, reverse=True, state_t=False, state_offset=1, **kw)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), z[:, :, 0]
+
+

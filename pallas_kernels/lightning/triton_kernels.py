@@ -15,19 +15,11 @@ position before block ``n`` (0 for the first block).
   positions backwards (``j >= i``). With (A, B, C) = (Q, K, V) this is the output; (dO, V, K) with S^T gives dQ;
   reversed, (K, Q, dO) gives dV and (V, dO, Q) with dS^T gives dK.
 Only non-positive exponents appear. Matmuls take operands in ``mm_dtype`` and accumulate in fp32.
-
-Operands may be column slices of a wider array (``Operand.col``) and may be SiLU pre-activations (``Operand.silu``:
-the kernel loads ``silu(x)`` rounded to the array's dtype, the value an unfused SiLU would have stored). So the
-mixer's packed projection ``[B, T, H, 4 D]`` (per head ``[q | k | v | gate]``) feeds the kernels without split
-copies. ``chunk_outputs`` can likewise write its result into columns of a wider buffer that it updates in place
-(``into``), times ``silu'`` of a pre-activation (``silu_grad_of``): the gradients of q, k and v land in one buffer
-laid out like the projection, with no concatenate.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,36 +28,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 F32 = jnp.float32
-
-
-class Operand(NamedTuple):
-    """Where an operand's ``head_dim`` columns start in its array's last axis, and whether to apply SiLU on load."""
-
-    col: int = 0
-    silu: bool = False
-
-
-PLAIN = Operand()
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def _load(ref, b, rows, h, cols, op: Operand):
-    """``ref[b, rows, h, cols]`` (``cols`` relative to ``op.col``), through SiLU (in fp32, rounded back to the
-    array's dtype) when ``op.silu``."""
-    x = ref[b, rows, h, pl.ds(op.col + cols.start, cols.size)]
-    if op.silu:
-        x32 = x.astype(F32)
-        x = (x32 * _sigmoid(x32)).astype(x.dtype)
-    return x
-
-
-def _silu_grad(x):
-    """``d silu(x) / dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``, fp32."""
-    s = _sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
@@ -82,7 +44,7 @@ def _program(heads):
 
 
 def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads, block, chunk_blocks, seq, tile,
-                  reverse, mm_dtype, b_op, c_op):
+                  reverse, mm_dtype):
     b, h, c, vt = _program(heads)
     s = decay_ref[h]
     start = c * (chunk_blocks * block)
@@ -90,12 +52,12 @@ def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads,
     end = start + nblk * block
     ref_idx = prev_ref[b, start // block] if reverse else seg_ref[b, end - 1]
     r = lax.broadcasted_iota(jnp.int32, (block,), 0)
-    d = out_ref.shape[-1]
+    d = b_ref.shape[-1]
 
     def body(i, acc):
         t0 = start + i * block
-        bm = _load(b_ref, b, pl.ds(t0, block), h, pl.ds(0, d), b_op).astype(F32)
-        cv = _load(c_ref, b, pl.ds(t0, block), h, pl.ds(vt * tile, tile), c_op).astype(mm_dtype)
+        bm = b_ref[b, pl.ds(t0, block), h, :].astype(F32)
+        cv = c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)].astype(mm_dtype)
         idx = seg_ref[b, pl.ds(t0, block)]
         dist = (t0 + r - start + 1) if reverse else (end - 1 - t0 - r)
         w = jnp.where(idx == ref_idx, jnp.exp(-s * dist.astype(F32)), 0.0)
@@ -105,12 +67,8 @@ def _state_kernel(decay_ref, seg_ref, prev_ref, b_ref, c_ref, out_ref, *, heads,
     out_ref[b, h, c, :, pl.ds(vt * tile, tile)] = acc
 
 
-def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref, *refs, heads, block,
-                   chunk_blocks, seq, tile, reverse, state_t, state_offset, mm_dtype, operands, out_col, grad_of):
-    pre_ref = refs[0] if grad_of is not None else None
-    out_ref = refs[-1]  # an aliased ``into`` buffer, if any, comes before it and is never read
-    a_op, b_op, c_op = operands
-    d = state_ref.shape[-1]
+def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref, out_ref, *, heads, block,
+                   chunk_blocks, seq, tile, reverse, state_t, state_offset, mm_dtype):
     b, h, c, vt = _program(heads)
     s = decay_ref[h]
     start = c * (chunk_blocks * block)
@@ -132,10 +90,9 @@ def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref,
     def body(i, st):
         k = (nblk - 1 - i) if reverse else i
         t0 = start + k * block
-        rows, cols = pl.ds(t0, block), pl.ds(vt * tile, tile)
-        a = _load(a_ref, b, rows, h, pl.ds(0, d), a_op)
-        bm = _load(b_ref, b, rows, h, pl.ds(0, d), b_op)
-        cv = _load(c_ref, b, rows, h, cols, c_op).astype(mm_dtype)
+        a = a_ref[b, pl.ds(t0, block), h, :]
+        bm = b_ref[b, pl.ds(t0, block), h, :]
+        cv = c_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)].astype(mm_dtype)
         idx = seg_ref[b, pl.ds(t0, block)]
         prev = prev_ref[b, t0 // block]
         last = jnp.max(idx)
@@ -145,9 +102,7 @@ def _output_kernel(decay_ref, seg_ref, prev_ref, a_ref, b_ref, c_ref, state_ref,
         out = _dot(p.astype(mm_dtype), cv)
         aw = a.astype(F32) * jnp.where(idx == st_idx, inter_dec, 0.0)[:, None]
         out = out + _dot(aw.astype(mm_dtype), st.astype(mm_dtype))
-        if grad_of is not None:  # the gradient of a SiLU input: times silu'(its pre-activation)
-            out = out * _silu_grad(pre_ref[b, rows, h, pl.ds(grad_of + vt * tile, tile)].astype(F32))
-        out_ref[b, rows, h, pl.ds(out_col + vt * tile, tile)] = out.astype(out_ref.dtype)
+        out_ref[b, pl.ds(t0, block), h, pl.ds(vt * tile, tile)] = out.astype(out_ref.dtype)
         g = jnp.where(last == prev, g_full, 0.0)
         bw = bm.astype(F32) * jnp.where(idx == up_idx, upd_dec, 0.0)[:, None]
         return g * st + _dot(bw.astype(mm_dtype), cv, trans_a=True)
@@ -160,17 +115,15 @@ def _params(num_warps, num_stages):
 
 
 @functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "interpret",
-                                             "num_warps", "num_stages", "head_dim", "b_op", "c_op"))
+                                             "num_warps", "num_stages"))
 def chunk_states(decay, seg, prev_blk, bmat, cmat, *, block, chunk_blocks, tile, reverse, interpret=False,
-                 num_warps=4, num_stages=2, head_dim=None, b_op=PLAIN, c_op=PLAIN):
-    """Per-chunk weighted ``B^T C`` sums, fp32 ``[batch, heads, chunks, D, D]`` (see the module docstring).
-
-    ``head_dim`` D defaults to the operands' last axis; ``b_op`` and ``c_op`` say where their columns start."""
-    b, t, h, d = bmat.shape[:3] + (head_dim or bmat.shape[-1],)
+                 num_warps=4, num_stages=2):
+    """Per-chunk weighted ``B^T C`` sums, fp32 ``[batch, heads, chunks, D, D]`` (see the module docstring)."""
+    b, t, h, d = bmat.shape
     n_chunks = pl.cdiv(t // block, chunk_blocks)
     mm_dtype = F32 if interpret else bmat.dtype
     kernel = functools.partial(_state_kernel, heads=h, block=block, chunk_blocks=chunk_blocks, seq=t, tile=tile,
-                               reverse=reverse, mm_dtype=mm_dtype, b_op=b_op, c_op=c_op)
+                               reverse=reverse, mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, h, n_chunks, d, d), F32),
@@ -182,39 +135,21 @@ def chunk_states(decay, seg, prev_blk, bmat, cmat, *, block, chunk_blocks, tile,
 
 
 @functools.partial(jax.jit, static_argnames=("block", "chunk_blocks", "tile", "reverse", "state_t", "state_offset",
-                                             "interpret", "num_warps", "num_stages", "operands", "out_width",
-                                             "out_col", "grad_of"))
+                                             "interpret", "num_warps", "num_stages"))
 def chunk_outputs(decay, seg, prev_blk, amat, bmat, cmat, states, *, block, chunk_blocks, tile, reverse, state_t,
-                  state_offset=0, interpret=False, num_warps=4, num_stages=2, operands=(PLAIN, PLAIN, PLAIN),
-                  into=None, out_width=None, out_col=0, silu_pre=None, grad_of=None):
+                  state_offset=0, interpret=False, num_warps=4, num_stages=2):
     """Outputs ``[batch, seq, heads, D]`` (dtype of ``amat``) from per-chunk entering states (module docstring):
-    chunk ``c`` reads ``states[:, :, c + state_offset]`` (an offset instead of a sliced copy of the states).
-
-    ``operands`` locate A, B and C in their arrays (``Operand``). The result goes to columns ``[out_col, out_col +
-    D)`` of a new ``[batch, seq, heads, out_width]`` array (default width D; the other columns are left unwritten)
-    or, in place, of ``into``. With ``silu_pre`` and ``grad_of`` it is multiplied by ``silu'`` of
-    ``silu_pre[..., grad_of:grad_of + D]``: the gradient of a SiLU pre-activation.
-    """
-    b, t, h, d = states.shape[0], seg.shape[1], states.shape[1], states.shape[-1]
+    chunk ``c`` reads ``states[:, :, c + state_offset]`` (an offset instead of a sliced copy of the states)."""
+    b, t, h, d = amat.shape
     n_chunks = pl.cdiv(t // block, chunk_blocks)
     mm_dtype = F32 if interpret else amat.dtype
     kernel = functools.partial(_output_kernel, heads=h, block=block, chunk_blocks=chunk_blocks, seq=t, tile=tile,
-                               reverse=reverse, state_t=state_t, state_offset=state_offset, mm_dtype=mm_dtype,
-                               operands=operands, out_col=out_col, grad_of=grad_of)
-    inputs = [decay, seg, prev_blk, amat, bmat, cmat, states]
-    if grad_of is not None:
-        inputs.append(silu_pre)
-    if into is not None:
-        inputs.append(into)
-        out_shape = jax.ShapeDtypeStruct(into.shape, into.dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((b, t, h, out_width or d), amat.dtype)
+                               reverse=reverse, state_t=state_t, state_offset=state_offset, mm_dtype=mm_dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=jax.ShapeDtypeStruct((b, t, h, d), amat.dtype),
         grid=(b * h, n_chunks, d // tile),
-        input_output_aliases={len(inputs) - 1: 0} if into is not None else {},
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="lightning_chunk_outputs_rev" if reverse else "lightning_chunk_outputs",
-    )(*inputs)
+    )(decay, seg, prev_blk, amat, bmat, cmat, states)

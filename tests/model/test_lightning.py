@@ -10,8 +10,8 @@ from minimax_jax.model.lightning import (
     lightning_decay_rates,
     lightning_mixer,
     lightning_projections,
+    split_last_axis,
 )
-from pallas_kernels.lightning import split_last_axis
 from tests.model import numpy_reference as ref
 
 
@@ -89,9 +89,9 @@ def test_projections_match_separate_matmuls_values_and_gradients():
 
 def test_split_last_axis_gradient_is_one_concatenate():
     x = jnp.arange(24.0).reshape(2, 12)
-    parts = split_last_axis(x, (4, 4, 4))
+    parts = split_last_axis(x, 3)
     np.testing.assert_array_equal(np.asarray(jnp.concatenate(parts, axis=-1)), np.asarray(x))
-    _, vjp = jax.vjp(lambda x_: split_last_axis(x_, (4, 4, 4)), x)
+    _, vjp = jax.vjp(lambda x_: split_last_axis(x_, 3), x)
     jaxpr = str(jax.make_jaxpr(vjp)(tuple(jnp.full((2, 4), i, jnp.float32) for i in range(3))))
     assert "concatenate" in jaxpr and "pad" not in jaxpr
     (grad,) = vjp(tuple(jnp.full((2, 4), i, jnp.float32) for i in range(3)))
