@@ -32,6 +32,12 @@ flags.DEFINE_list("impls", ["triton", "xla", "fla", "cudnn"], "implementations t
 flags.DEFINE_integer("heads", 16, "heads")
 flags.DEFINE_integer("dim", 128, "head_dim")
 flags.DEFINE_integer("tune_seq", 65536, "sequence length for --tune")
+flags.DEFINE_integer("tune_batch", 1, "batch for --tune (the small preset trains on 8 x 8192 with 8 heads)")
+flags.DEFINE_list("tune_blocks", ["64"], "block sizes for --tune")
+flags.DEFINE_list("tune_programs", ["264", "528", "1056"], "target_programs values for --tune")
+flags.DEFINE_list("tune_stages", ["2", "3", "4"], "num_stages values for --tune")
+flags.DEFINE_list("tune_tiles", ["64", "128"], "max_tile values for --tune")
+flags.DEFINE_list("tune_warps", ["4", "8"], "num_warps values for --tune")
 flags.DEFINE_string("out_md", "", "write the markdown table here")
 flags.DEFINE_float("min_trial_s", 0.03, "each timing trial lasts at least this long")
 flags.DEFINE_integer("trials", 7, "timing trials (median)")
@@ -268,28 +274,31 @@ def table(rows):
 def tune():
     """Times launch-knob variants (applied to forward and backward alike) and keeps the best of each pass."""
     h, d, t = FLAGS.heads, FLAGS.dim, FLAGS.tune_seq
-    q, k, v, do = make_inputs(jax.random.PRNGKey(1), 1, t, h, d)
+    q, k, v, do = make_inputs(jax.random.PRNGKey(1), FLAGS.tune_batch, t, h, d)
     decay = decays(h)
     best = {"fwd": (float("inf"), None), "bwd": (float("inf"), None)}
-    for tile, warps, stages, progs in itertools.product([64, 128], [4, 8], [2, 3, 4], [1056, 2112]):
+    programs = [int(p) for p in FLAGS.tune_programs]
+    for block, tile, warps, stages, progs in itertools.product(
+            [int(b) for b in FLAGS.tune_blocks], [int(n) for n in FLAGS.tune_tiles], [int(n) for n in FLAGS.tune_warps],
+            [int(n) for n in FLAGS.tune_stages], programs):
         knobs = {"target_programs": progs, "min_chunk_blocks": 4, "max_tile": tile, "num_warps": warps,
                  "num_stages": stages}
         tb.TUNING.update(fwd=dict(knobs), bwd=dict(knobs))
         ops._lightning.clear_cache()
         try:
-            f, fb = lightning_fns("triton", decay)
+            f, fb = lightning_fns("triton", decay, block_size=block)
             fwd, both = time_jax(f, q, k, v), time_jax(fb, q, k, v, do)
         except Exception as e:  # noqa: BLE001
-            print(f"tune {knobs} failed: {str(e)[:150]}", flush=True)
+            print(f"tune block {block} {knobs} failed: {str(e)[:150]}", flush=True)
             continue
-        print(f"tune {knobs}: fwd {fwd:.3f} fwd+bwd {both:.3f} ms", flush=True)
+        print(f"tune block {block} {knobs}: fwd {fwd:.3f} fwd+bwd {both:.3f} ms", flush=True)
         for name, val in (("fwd", fwd), ("bwd", both - fwd)):
             if val < best[name][0]:
                 best[name] = (val, knobs)
     tb.TUNING.update(fwd=best["fwd"][1], bwd=best["bwd"][1])
     ops._lightning.clear_cache()
     print("TUNED", tb.TUNING, flush=True)
-    return [f"Tuned at seq {t}: {tb.TUNING}"]
+    return [f"Tuned at batch {FLAGS.tune_batch}, seq {t}: {tb.TUNING}"]
 
 
 def main(argv):

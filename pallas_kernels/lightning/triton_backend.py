@@ -21,11 +21,12 @@ from pallas_kernels.lightning import triton_kernels as tk
 
 DEFAULT_BLOCK_SIZE = 64
 # Launch shape knobs of the forward and the backward pass, read at trace time (scripts/bench_lightning.py --tune
-# sweeps them): programs to aim for (a few per H100 multiprocessor), fewest blocks per chunk (one-block chunks make
+# sweeps them): programs to aim for (4 per H100 multiprocessor: 528 beat 1056 by 10-25% at batch 1 x 16K and 64K
+# and at the small preset's 8 x 8K x 8 heads, docs/benchmarks.md), fewest blocks per chunk (one-block chunks make
 # the O(chunks^2) state combine dominate short sequences), widest column tile, Triton warps and stages.
 TUNING = {
-    "fwd": {"target_programs": 1056, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
-    "bwd": {"target_programs": 1056, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
+    "fwd": {"target_programs": 528, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
+    "bwd": {"target_programs": 528, "min_chunk_blocks": 4, "max_tile": 128, "num_warps": 8, "num_stages": 3},
 }
 # fp32 operands take twice the shared memory: narrower tiles, fewer stages (128 x 3 stages overflows 227 KiB).
 _FP32_LIMITS = {"max_tile": 64, "num_stages": 2}
