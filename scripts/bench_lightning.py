@@ -277,10 +277,8 @@ def tune():
     q, k, v, do = make_inputs(jax.random.PRNGKey(1), FLAGS.tune_batch, t, h, d)
     decay = decays(h)
     best = {"fwd": (float("inf"), None), "bwd": (float("inf"), None)}
-    programs = [int(p) for p in FLAGS.tune_programs]
-    for block, tile, warps, stages, progs in itertools.product(
-            [int(b) for b in FLAGS.tune_blocks], [int(n) for n in FLAGS.tune_tiles], [int(n) for n in FLAGS.tune_warps],
-            [int(n) for n in FLAGS.tune_stages], programs):
+    grid = (FLAGS.tune_blocks, FLAGS.tune_tiles, FLAGS.tune_warps, FLAGS.tune_stages, FLAGS.tune_programs)
+    for block, tile, warps, stages, progs in itertools.product(*([int(v) for v in values] for values in grid)):
         knobs = {"target_programs": progs, "min_chunk_blocks": 4, "max_tile": tile, "num_warps": warps,
                  "num_stages": stages}
         tb.TUNING.update(fwd=dict(knobs), bwd=dict(knobs))
