@@ -18,9 +18,9 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels.lightning as lightning_kernels
 from minimax_jax.config import LIGHTNING_NORM_EPS, ModelConfig
 from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
-from minimax_jax.model.norms_rope import rms_norm
 from minimax_jax.model.params_init import normal_param, ones_param
 from pallas_kernels.checkpoint_names import KERNEL_OUTPUT
+from pallas_kernels.gated_rms_norm import gated_rms_norm
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -74,7 +74,7 @@ def lightning_mixer(x: jax.Array, *, qkv_proj: jax.Array, output_gate: jax.Array
 
 def lightning_projections(x: jax.Array, qkv_proj: jax.Array,
                           output_gate: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``silu(x @ Wqkv)`` split per head into q, k, v, and the output gate ``sigmoid(x @ Wgate)``, each
+    """``silu(x @ Wqkv)`` split per head into q, k, v, and the output gate's pre-activation ``x @ Wgate``, each
     ``[batch, seq, heads, head_dim]`` in ``x.dtype``.
 
     One matmul against the two weights concatenated per head: the backward pass then computes the input gradient
@@ -83,7 +83,7 @@ def lightning_projections(x: jax.Array, qkv_proj: jax.Array,
     """
     weights = jnp.concatenate([qkv_proj, output_gate], axis=-1).astype(x.dtype)  # per head [q | k | v | gate]
     q, k, v, gate = split_last_axis(jnp.einsum("btd,dhk->bthk", x, weights), 4)
-    return jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v), jax.nn.sigmoid(gate)
+    return jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v), gate
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -110,9 +110,9 @@ split_last_axis.defvjp(_split_last_axis_fwd, _split_last_axis_bwd)
 
 
 def lightning_output(o: jax.Array, gate: jax.Array, *, norm: jax.Array, out_proj: jax.Array) -> jax.Array:
-    """Output path of the mixer: one RMSNorm over all heads, times the gate, then the output projection."""
-    o = rms_norm(o.astype(gate.dtype), norm, LIGHTNING_NORM_EPS)  # one norm over all heads * head_dim features
-    gated = gate * o
+    """Output path of the mixer: one RMSNorm over all heads, times ``sigmoid(gate)`` (``gate`` is the
+    pre-activation), then the output projection."""
+    gated = gated_rms_norm(o.astype(gate.dtype), gate, norm, LIGHTNING_NORM_EPS)  # one norm over heads * head_dim
     return jnp.einsum("bthk,hkd->btd", gated, out_proj.astype(gated.dtype),
                       out_sharding=row_parallel_out_sharding(gated))
 

@@ -76,7 +76,7 @@ def test_projections_match_separate_matmuls_values_and_gradients():
 
     def separate(x_, qkv_, gate_):
         q, k, v = (jax.nn.silu(jnp.einsum("btd,dhk->bthk", x_, qkv_[..., i * d:(i + 1) * d])) for i in range(3))
-        return q, k, v, jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x_, gate_))
+        return q, k, v, jnp.einsum("btd,dhk->bthk", x_, gate_)  # the gate's pre-activation
 
     cotangents = tuple(jnp.asarray(rng.standard_normal((2, 5, heads, d)), jnp.float32) for _ in range(4))
     with jax.default_matmul_precision("highest"):
