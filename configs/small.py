@@ -20,8 +20,8 @@ def get_config() -> TrainConfig:
         checkpoint=CheckpointConfig(every_steps=1000, max_to_keep=3),
         seq_len=8192,
         # 32 x 8K tokens (262K) per optimizer step in 4 micro-batches of 8 x 8K: the optimizer, gradient norm and
-        # weight cast (~12 ms on an H100) run once per 4 micro-batches. 2.4% more tokens/s than one 8 x 8K micro-batch
-        # per step (2 micro-batches: 1.6%); 8 x 8K in one micro-batch was 16% faster than 4 x 8K
+        # weight cast (~12 ms on an H100) run once per 4 micro-batches. 3.1% more tokens/s than one 8 x 8K
+        # micro-batch per step (2 micro-batches: 1.6-1.8%); 8 x 8K in one micro-batch was 16% faster than 4 x 8K
         global_batch_size=32,
         grad_accum_steps=4,
         num_steps=20_000,
@@ -30,7 +30,7 @@ def get_config() -> TrainConfig:
         # forward in the backward pass); at 4 x 8K "none" needed 52 GiB and was slower
         remat_policy="dots_and_kernel_outputs",
         # both layer groups inlined: no zero-filled [groups, ...] buffers for the kept activations, 20% more tokens/s;
-        # 44 GiB of temporaries, more than XLA's default 75% share of the GPU (scripts/train.py raises it to 95%)
+        # 46 GiB of temporaries, more than XLA's default 75% share of the GPU (scripts/train.py raises it to 95%)
         scan_layers=False,
         loss_chunk_size=2048,  # 4 chunks of 8 x 2K: +1 GiB of temporaries, 0.8% more tokens/s than 1024
         log_every_steps=10,
