@@ -104,9 +104,17 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
-def _backward_blocks(num_blocks: int) -> int:
-    """Blocks per backward program: ``LAUNCH["backward_blocks"]`` or the largest divisor of ``num_blocks`` below."""
-    return math.gcd(num_blocks, LAUNCH["backward_blocks"])
+def backward_launch(rows: int) -> tuple[int, int, int]:
+    """Rows per block, blocks per program and programs of a backward row-norm kernel over ``rows`` rows: each
+    program walks ``LAUNCH["backward_blocks"]`` blocks, or the largest divisor of the block count below that."""
+    block_rows = LAUNCH["rows"]
+    blocks = math.gcd(rows // block_rows, LAUNCH["backward_blocks"])
+    return block_rows, blocks, rows // (block_rows * blocks)
+
+
+def compiler_params() -> pltriton.CompilerParams:
+    """The Triton launch of the row-norm kernels (``LAUNCH``)."""
+    return pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1)
 
 
 def _forward(x, y, weight, scales, eps, interpret):
@@ -116,7 +124,7 @@ def _forward(x, y, weight, scales, eps, interpret):
         functools.partial(_forward_kernel, block_rows=block_rows, eps=eps),
         out_shape=out_struct(flat_x.shape, x.dtype, x),
         grid=(flat_x.shape[0] // block_rows,),
-        compiler_params=pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="add_rms_norm",
     )(flat_x, flat_y, weight.astype(x.dtype), scales.astype(jnp.float32))
@@ -126,15 +134,13 @@ def _forward(x, y, weight, scales, eps, interpret):
 def _backward(g1, g2, x, y, weight, scales, eps, interpret):
     flat_x = _flat(x)
     rows, hidden = flat_x.shape
-    block_rows = LAUNCH["rows"]
-    blocks = _backward_blocks(rows // block_rows)
-    programs = rows // (block_rows * blocks)
+    block_rows, blocks, programs = backward_launch(rows)
     dx, dy, dweight = pl.pallas_call(
         functools.partial(_backward_kernel, block_rows=block_rows, blocks=blocks, eps=eps),
         out_shape=(out_struct(flat_x.shape, x.dtype, x), out_struct(flat_x.shape, y.dtype, x),
                    out_struct((programs, hidden), jnp.float32, x)),
         grid=(programs,),
-        compiler_params=pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="add_rms_norm_backward",
     )(_flat(g1), _flat(g2), flat_x, _flat(y), weight.astype(x.dtype), scales.astype(jnp.float32))

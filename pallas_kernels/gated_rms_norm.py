@@ -15,14 +15,12 @@ are rounded, and so is their product. Gradients are computed in fp32 and rounded
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.add_rms_norm import LAUNCH, kernel_fits
+from pallas_kernels.add_rms_norm import LAUNCH, backward_launch, compiler_params, kernel_fits
 from pallas_kernels.manual_axes import out_struct
 
 
@@ -90,7 +88,7 @@ def _forward(o, gate, weight, eps, interpret):
         functools.partial(_forward_kernel, block_rows=block_rows, eps=eps),
         out_shape=out_struct(flat_o.shape, gate.dtype, o),
         grid=(flat_o.shape[0] // block_rows,),
-        compiler_params=pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="gated_rms_norm",
     )(flat_o, _rows(gate, features), weight.reshape(-1).astype(gate.dtype))
@@ -100,16 +98,13 @@ def _forward(o, gate, weight, eps, interpret):
 def _backward(dy, o, gate, weight, eps, interpret):
     features = weight.size
     flat_o = _rows(o, features)
-    rows = flat_o.shape[0]
-    block_rows = LAUNCH["rows"]
-    blocks = math.gcd(rows // block_rows, LAUNCH["backward_blocks"])
-    programs = rows // (block_rows * blocks)
+    block_rows, blocks, programs = backward_launch(flat_o.shape[0])
     do, dgate, dweight = pl.pallas_call(
         functools.partial(_backward_kernel, block_rows=block_rows, blocks=blocks, eps=eps),
         out_shape=(out_struct(flat_o.shape, o.dtype, o), out_struct(flat_o.shape, gate.dtype, o),
                    out_struct((programs, features), jnp.float32, o)),
         grid=(programs,),
-        compiler_params=pltriton.CompilerParams(num_warps=LAUNCH["num_warps"], num_stages=1),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="gated_rms_norm_backward",
     )(_rows(dy, features), flat_o, _rows(gate, features), weight.reshape(-1).astype(gate.dtype))
