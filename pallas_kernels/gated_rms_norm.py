@@ -76,6 +76,11 @@ def _backward_kernel(dy_ref, o_ref, gate_ref, weight_ref, do_ref, dgate_ref, dwe
     dweight_ref[pl.ds(pl.program_id(0), 1), :] = jnp.sum(dweight, axis=0)[None, :]
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
+
+
 def _rows(x: jax.Array, features: int) -> jax.Array:
     return x.reshape(-1, features)
 
@@ -145,9 +150,10 @@ def gated_rms_norm(o: jax.Array, gate: jax.Array, weight: jax.Array, eps: float,
         raise ValueError(f"gated_rms_norm: o {o.shape} and gate {gate.shape} must have the same shape")
     if o.shape[o.ndim - weight.ndim:] != weight.shape:
         raise ValueError(f"gated_rms_norm: weight {weight.shape} must match the trailing axes of o {o.shape}")
-    rows = _rows(gate, weight.size)
+    rows = jax.ShapeDtypeStruct((gate.size // weight.size, weight.size), gate.dtype)
     if use_kernel is None:
-        use_kernel = jax.default_backend() == "gpu" and kernel_fits(rows)
+        # the kernels flatten the feature axes, which a mesh with explicit axes may shard (heads over "tensor")
+        use_kernel = jax.default_backend() == "gpu" and kernel_fits(rows) and not _explicitly_sharded(gate)
     if not use_kernel:
         return gated_rms_norm_reference(o, gate, weight, eps)
     if not kernel_fits(rows):
