@@ -276,7 +276,7 @@ def tune():
     h, d, t = FLAGS.heads, FLAGS.dim, FLAGS.tune_seq
     q, k, v, do = make_inputs(jax.random.PRNGKey(1), FLAGS.tune_batch, t, h, d)
     decay = decays(h)
-    best = {"fwd": (float("inf"), None), "bwd": (float("inf"), None)}
+    best = {"fwd": (float("inf"), None, None), "bwd": (float("inf"), None, None)}  # ms, knobs, block
     grid = (FLAGS.tune_blocks, FLAGS.tune_tiles, FLAGS.tune_warps, FLAGS.tune_stages, FLAGS.tune_programs)
     for block, tile, warps, stages, progs in itertools.product(*([int(v) for v in values] for values in grid)):
         knobs = {"target_programs": progs, "min_chunk_blocks": 4, "max_tile": tile, "num_warps": warps,
