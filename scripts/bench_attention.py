@@ -14,8 +14,10 @@ backward), so kernels that skip cross-document blocks show a higher rate than th
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from minimax_jax.config import small
+from minimax_jax.model import attention
 from minimax_jax.model.attention import causal_gqa_attention, tokamax_gqa_attention
 from minimax_jax.timing import median_ms, report
 from pallas_kernels.lightning.ops import segment_index
@@ -85,6 +88,9 @@ def cudnn_packed(q, k, v, segment_ids):
 KERNELS: dict[str, Callable] = {
     "jax_pallas_triton": jax_pallas_triton,
     "tokamax_mosaic_gpu": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("mosaic_gpu",)),
+    # the same forward kernel with tokamax's own backward kernels instead of pallas_kernels/document_attention.py
+    "tokamax_mosaic_gpu_own_bwd": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s,
+                                                                           kernels=("mosaic_gpu",)),
     "tokamax_triton": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("triton",)),
     "tokamax_xla": lambda q, k, v, s: tokamax_gqa_attention(q, k, v, segment_ids=s, kernels=("xla",)),
     "cudnn": lambda q, k, v, s: causal_gqa_attention(q, k, v, implementation="cudnn"),  # no segments
@@ -106,11 +112,14 @@ def inputs(batch: int, seq: int, dtype, seed: int = 0):
     return q, k, v, jnp.asarray(segments)
 
 
-def forward_backward(fn: Callable) -> Callable:
-    """jit of ``(o, dq, dk, dv)`` for the cotangent ``do``."""
+def forward_backward(fn: Callable, own_backward: bool = False) -> Callable:
+    """jit of ``(o, dq, dk, dv)`` for the cotangent ``do``; ``own_backward``: tokamax's backward kernels, not
+    ``document_attention``'s."""
     def run(q, k, v, segments, do):
-        out, vjp = jax.vjp(lambda q_, k_, v_: fn(q_, k_, v_, segments), q, k, v)
-        return (out, *vjp(do))
+        with mock.patch.object(attention, "_document_backward_fits", lambda *_: False) if own_backward else (
+                contextlib.nullcontext()):
+            out, vjp = jax.vjp(lambda q_, k_, v_: fn(q_, k_, v_, segments), q, k, v)
+            return (out, *vjp(do))
     return jax.jit(run)
 
 
@@ -125,7 +134,7 @@ def check_lines() -> list[str]:
         if name == "cudnn":
             continue
         bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-        got = forward_backward(KERNELS[name])(*bf16, segments, do.astype(jnp.bfloat16))
+        got = forward_backward(KERNELS[name], name.endswith("_own_bwd"))(*bf16, segments, do.astype(jnp.bfloat16))
         errors = [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
                   for g, w in zip(got, want, strict=True)]
         lines.append(f"- {name}: " + ", ".join(f"{e:.2e}" for e in errors))
@@ -142,7 +151,7 @@ def main(argv) -> None:
     for name in FLAGS.impls:
         fn = KERNELS[name]
         fwd_ms = median_ms(jax.jit(fn), q, k, v, segments, trials=FLAGS.trials)
-        bwd_ms = median_ms(forward_backward(fn), q, k, v, segments, do, trials=FLAGS.trials)
+        bwd_ms = median_ms(forward_backward(fn, name.endswith("_own_bwd")), q, k, v, segments, do, trials=FLAGS.trials)
         rows.append((name, fwd_ms, bwd_ms))
         print(name, fwd_ms, bwd_ms, flush=True)
     base_ms = next((both_ms for name, _, both_ms in rows if name == "jax_pallas_triton"), None)

@@ -13,6 +13,7 @@ from minimax_jax.config import ModelConfig
 from minimax_jax.model.explicit_sharding import row_parallel_out_sharding
 from minimax_jax.model.norms_rope import apply_partial_rope
 from minimax_jax.model.params_init import normal_param
+from pallas_kernels import document_attention
 from pallas_kernels.lightning.ops import segment_index  # one segment convention for both mixers
 
 
@@ -77,7 +78,8 @@ def tokamax_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
 
     Segments become a per-query ``k_start`` (a query sees the keys from its segment's first position up to
     itself): the same mask as ``segment_mask`` & causal, since segments are contiguous runs. The forward kernel skips
-    key blocks outside that range (tokamax's backward kernels do not); both read k, v per kv head (no repeat).
+    key blocks outside that range; so does the backward pass on Hopper (``_flash_attention``), where tokamax's
+    backward kernels would only mask them. Both read k, v per kv head (no repeat).
     The output and softmax statistics are kept for the backward pass even under ``jax.checkpoint``
     (``_flash_attention``).
 
@@ -95,7 +97,7 @@ def tokamax_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_i
     errors = []
     for name in kernels:
         try:
-            return _flash_attention(_tokamax_op(name), q, k, v, k_start, 1.0 / math.sqrt(q.shape[-1]))
+            return _flash_attention(name, q, k, v, k_start, 1.0 / math.sqrt(q.shape[-1]))
         except NotImplementedError as error:
             errors.append(f"{name}: {error}")
     raise NotImplementedError(f"no tokamax attention kernel takes these inputs: {'; '.join(errors)}")
@@ -118,27 +120,36 @@ def _causal_mask(k_start: jax.Array | None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _flash_attention(op, q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array | None,
+def _flash_attention(kernel: str, q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array | None,
                      logits_scale: float) -> jax.Array:
-    """A tokamax attention ``op`` whose forward kernel runs once per training step.
+    """tokamax's attention op ``kernel``, whose forward kernel runs once per training step.
 
     tokamax's own ``custom_vjp`` asks ``jax.checkpoint`` to recompute its forward pass in the backward pass
     (``optimize_remat``), which reran the forward kernel in every layer's backward pass (1.2 ms per layer on an
     H100 at 8 x 8K). Here the output and the softmax statistics are ordinary residuals, which remat keeps:
     ``[batch, seq, heads]`` fp32 twice plus the output. ``precision=None`` makes its dots follow
     ``jax.default_matmul_precision`` like the rest of the model (tokamax's default pins TF32 for fp32 on GPUs).
+
+    With segments on Hopper the backward pass is ``pallas_kernels.document_attention`` (it skips the key blocks
+    outside each query's document, which tokamax's backward kernels only mask).
     """
-    return op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None)
+    return _tokamax_op(kernel)(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None)
 
 
-def _flash_attention_fwd(op, q, k, v, k_start, logits_scale):
-    out, statistics = op(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None,
-                         return_residuals=True)
+def _flash_attention_fwd(kernel, q, k, v, k_start, logits_scale):
+    out, statistics = _tokamax_op(kernel)(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale,
+                                          precision=None, return_residuals=True)
     return out, (q, k, v, k_start, out, statistics)
 
 
-def _flash_attention_bwd(op, logits_scale, residuals, d_out):
+def _flash_attention_bwd(kernel, logits_scale, residuals, d_out):
     q, k, v, k_start, out, statistics = residuals
+    if kernel == "mosaic_gpu" and k_start is not None and _document_backward_fits(q, k):
+        row_max, row_sum = statistics
+        grads = document_attention.document_attention_backward(q, k, v, out, d_out, row_max, row_sum, k_start[:, 0],
+                                                               logits_scale=logits_scale)
+        return (*grads, None)
+    op = _tokamax_op(kernel)
     arguments = dict(op.bind(q, k, v, mask=_causal_mask(k_start), logits_scale=logits_scale, precision=None).kwargs)
     arguments.pop("return_residuals")  # the vjp op takes the forward's canonical keyword arguments, not this one
     grads = op.vjp(statistics, out, d_out, q, k, v, **arguments)
@@ -146,6 +157,16 @@ def _flash_attention_bwd(op, logits_scale, residuals, d_out):
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+
+
+def _document_backward_fits(q: jax.Array, k: jax.Array) -> bool:
+    """Whether ``document_attention``'s Hopper kernels take these inputs on the target GPU (the abstract mesh's
+    device when lowering ahead of time)."""
+    from tokamax._src import gpu_utils
+
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    hopper = "H100" in device.device_kind or "H200" in device.device_kind if device is not None else gpu_utils.is_sm90()
+    return hopper and document_attention.fits(q, k)
 
 
 def cached_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_start: jax.Array) -> jax.Array:
