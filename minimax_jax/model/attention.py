@@ -165,7 +165,10 @@ def _document_backward_fits(q: jax.Array, k: jax.Array) -> bool:
     from tokamax._src import gpu_utils
 
     device = jax.sharding.get_abstract_mesh().abstract_device
-    hopper = "H100" in device.device_kind or "H200" in device.device_kind if device is not None else gpu_utils.is_sm90()
+    if device is None:
+        hopper = gpu_utils.is_sm90()
+    else:
+        hopper = any(name in device.device_kind for name in ("H100", "H200", "H800"))
     return hopper and document_attention.fits(q, k)
 
 
