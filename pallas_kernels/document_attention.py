@@ -31,6 +31,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.grouped_matmul.mosaic_gpu import smem_transforms
+
 BLOCK = 64  # rows per consumer warpgroup and per pipeline step, in both kernels
 _TILE = 2 * BLOCK  # two consumer warpgroups per CTA
 _STAGES = 2
@@ -64,11 +66,6 @@ def block_bounds(k_start: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first_key_block.astype(jnp.int32), (-(-last_key_end // BLOCK)).astype(jnp.int32).clip(max=seq // BLOCK)
 
 
-def _smem_transforms(minor_bytes: int):
-    swizzle = plgpu.find_swizzle(minor_bytes * 8)
-    return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
-
-
 def _block_mask(values, query_axis, q_base, k_base, k_start, needs_mask):
     """``values`` (a ``BLOCK x BLOCK`` score-shaped block) with the entries outside ``k_start <= key <= query``
     zeroed; ``k_start`` holds the queries' values along ``query_axis``. Blocks with ``needs_mask`` False pass."""
@@ -100,7 +97,7 @@ def _dq_kernel(first_key_block_gmem, k_start_gmem, q_gmem, k_gmem, v_gmem, do_gm
     end = (tile + 1) * (_TILE // BLOCK)  # causal: the key blocks up to the tile's last query
     q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
     dtype = q_gmem.dtype
-    transforms = _smem_transforms(q_gmem.shape[-1] * 2)
+    transforms = smem_transforms(q_gmem.shape[-1] * 2)
 
     def compute(run_pipeline):
         barrier = barriers.at[wg]
@@ -160,7 +157,7 @@ def _dkv_kernel(query_block_end_gmem, k_start_gmem, q_gmem, k_gmem, v_gmem, do_g
     k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
     dtype = k_gmem.dtype
     head_dim = q_gmem.shape[-1]
-    transforms = _smem_transforms(head_dim * 2)
+    transforms = smem_transforms(head_dim * 2)
 
     def compute(run_pipeline):
         barrier = barriers.at[wg]
@@ -228,7 +225,7 @@ def _dkv_kernel(query_block_end_gmem, k_start_gmem, q_gmem, k_gmem, v_gmem, do_g
 
 
 def _scratch(shape, dtype):
-    return plgpu.SMEM((2, *shape), dtype, transforms=_smem_transforms(shape[-1] * 2))
+    return plgpu.SMEM((2, *shape), dtype, transforms=smem_transforms(shape[-1] * 2))
 
 
 def _statistics(out, d_out, row_max, row_sum):

@@ -56,7 +56,7 @@ def _num_sms() -> int:
     return device.num_cores if device is not None else jax.devices()[0].core_count
 
 
-def _smem_transforms(minor_bytes: int):
+def smem_transforms(minor_bytes: int):
     """Tiling and swizzle of a shared-memory block of 16-bit elements whose minor dimension has ``minor_bytes``."""
     swizzle = plgpu.find_swizzle(minor_bytes * 8)
     return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
@@ -64,7 +64,7 @@ def _smem_transforms(minor_bytes: int):
 
 def _epilogue_smem(dtype):
     """Shared memory of the output epilogue: per consumer warpgroup, two 64 x 64 tiles in flight (see ``_store``)."""
-    return plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), dtype, transforms=_smem_transforms(_EPILOGUE * 2))
+    return plgpu.SMEM((2, 2, _EPILOGUE, _EPILOGUE), dtype, transforms=smem_transforms(_EPILOGUE * 2))
 
 
 def _row_tile_and_group(info, m_tiles, n_tiles, band, group_end_tiles, num_groups):
@@ -118,7 +118,7 @@ def _gmm_kernel(group_end_tiles, x_gmem, w_gmem, out_gmem, *, transpose_w, num_g
     w_depth = stacked_k // stacks  # K of one stacked matrix
     cta_n = 2 * tile_n
     m_tiles, n_tiles, k_steps = rows // tile_m, cols // cta_n, depth // tile_k
-    in_transforms = _smem_transforms(tile_k * 2)
+    in_transforms = smem_transforms(tile_k * 2)
     w_block = (cta_n, tile_k) if transpose_w else (tile_k, cta_n)
 
     def pipeline(mma_body, compute_context, w_index):
@@ -209,7 +209,7 @@ def _gmm_swiglu_kernel(group_end_tiles, x_gmem, w_gmem, row_weight_gmem, gate_up
     width = hidden_gmem.shape[1]
     half = tile_n // 2
     m_tiles, n_tiles, k_steps = rows // tile_m, width // tile_n, depth // tile_k
-    in_transforms = _smem_transforms(tile_k * 2)
+    in_transforms = smem_transforms(tile_k * 2)
 
     def pipeline(mma_body, compute_context, n):
         def w_spec(matrix):  # W1 (matrix 0) or W3 (matrix 1): row blocks k_steps apart in the stacked view
@@ -319,8 +319,8 @@ def _tgmm_kernel(group_order, group_starts, group_steps, x_gmem, dy_gmem, out_gm
     cta_n = 2 * tile_n
     k_tiles, n_tiles = depth // tile_k, cols // cta_n
     tiles_per_matrix = w_cols // cta_n
-    x_transforms = _smem_transforms(tile_k * 2)
-    dy_transforms = _smem_transforms(min(cta_n, 64) * 2)
+    x_transforms = smem_transforms(tile_k * 2)
+    dy_transforms = smem_transforms(min(cta_n, 64) * 2)
 
     def pipeline(mma_body, compute_context, steps):
         return plgpu.emit_pipeline_warp_specialized(
